@@ -1,0 +1,1 @@
+"""The producer side: CLI, planning, submission and status. Never imports torch."""

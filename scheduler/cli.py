@@ -1,0 +1,453 @@
+"""The ``captrain`` command line: thin commands over planning, submission and status.
+
+A user's mistake prints one ``error:`` line and exits non-zero, with no traceback.
+People get rich tables and progress bars; scripts get ``--json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import click
+import typer
+from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
+from typer.core import TyperGroup
+
+from shared.errors import CaptrainError, ConfigError, InputError
+from shared.spec import GenerateSpec, Split, SplitSpec, TrainSpec, validate
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+
+class _Group(TyperGroup):
+    """Turns every CaptrainError, from any subcommand, into one line and an exit code."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except CaptrainError as exc:
+            err_console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(exc.exit_code) from None
+
+
+app = typer.Typer(cls=_Group, no_args_is_help=True, add_completion=False,
+                  help="Train captcha recognizers over a Celery task queue.")
+db_app = typer.Typer(cls=_Group, no_args_is_help=True, help="Database schema.")
+app.add_typer(db_app, name="db")
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
+WaitOpt = Annotated[bool, typer.Option("--wait", help="Follow the job to its end.")]
+
+
+def _settings() -> Any:
+    from shared.settings import get_settings
+
+    return get_settings()
+
+
+def _emit(data: Any, as_json: bool, columns: list[str] | None = None, title: str = "") -> None:
+    if as_json:
+        print(json.dumps(data, indent=2, default=str))
+        return
+    rows = data if isinstance(data, list) else [data]
+    cols = columns or (list(rows[0].keys()) if rows else [])
+    table = Table(title=title or None)
+    for c in cols:
+        table.add_column(c)
+    for r in rows:
+        table.add_row(*("" if r.get(c) is None else _fmt(r.get(c)) for c in cols))
+    console.print(table)
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
+def _finish(job_id: int, wait: bool, as_json: bool) -> None:
+    from scheduler import status, watch
+
+    if wait:
+        final = watch.wait(job_id, err_console if as_json else console, quiet=as_json)
+        detail = status.job_detail(job_id)
+        if as_json:
+            _emit({k: v for k, v in detail.items() if k != "shard_list"}, True)
+        else:
+            console.print(f"job {job_id} {final}" + (f": {detail['error']}"
+                                                     if detail.get("error") else ""))
+        if final != "done":
+            raise typer.Exit(1)
+    elif as_json:
+        _emit({"job": job_id, "status": "pending"}, True)
+    else:
+        console.print(f"job {job_id} submitted; follow it with `captrain watch {job_id}`")
+
+
+# --- services ---------------------------------------------------------------------
+
+@app.command()
+def up() -> None:
+    """Start the embedded Redis (a no-op when CAPTRAIN_BROKER_URL is set)."""
+    from shared import embedded
+
+    s = _settings()
+    if not s.embedded_broker:
+        console.print("CAPTRAIN_BROKER_URL is set; nothing to start")
+        return
+    started = embedded.start(s)
+    console.print(f"embedded Redis {'started' if started else 'already running'} "
+                  f"at {s.redis_socket}")
+
+
+@app.command()
+def down() -> None:
+    """Stop the embedded Redis."""
+    from shared import embedded
+
+    stopped = embedded.stop(_settings())
+    console.print("embedded Redis stopped" if stopped else "embedded Redis was not running")
+
+
+@app.command()
+def info(as_json: JsonOpt = False) -> None:
+    """Show the settings in use, passwords redacted."""
+    from shared import embedded
+
+    s = _settings()
+    data = s.redacted()
+    data["embedded_broker"] = s.embedded_broker
+    data["embedded_broker_running"] = embedded.is_running(s) if s.embedded_broker else None
+    if as_json:
+        _emit(data, True)
+        return
+    table = Table("setting", "value")
+    for k, v in data.items():
+        table.add_row(k, str(v))
+    console.print(table)
+
+
+@db_app.command("upgrade")
+def db_upgrade(revision: str = "head") -> None:
+    """Apply the schema migrations."""
+    from sqlalchemy import create_engine
+
+    from shared import migrate
+
+    engine = create_engine(_settings().effective_database_url)
+    try:
+        migrate.upgrade(engine, revision)
+        console.print(f"database at {migrate.current_revision(engine)}")
+    except Exception as exc:  # alembic raises many kinds; this is the edge
+        from sqlalchemy.exc import SQLAlchemyError
+
+        if isinstance(exc, SQLAlchemyError):
+            raise ConfigError(f"cannot upgrade the database: {exc}") from exc
+        raise
+    finally:
+        engine.dispose()
+
+
+@db_app.command("current")
+def db_current() -> None:
+    """Print the schema revision of the database."""
+    from sqlalchemy import create_engine
+
+    from shared import migrate
+
+    engine = create_engine(_settings().effective_database_url)
+    try:
+        console.print(f"{migrate.current_revision(engine)} (head {migrate.head_revision()})")
+    finally:
+        engine.dispose()
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def worker(
+    ctx: typer.Context,
+    queues: Annotated[str, typer.Option("-Q", "--queues", help="cpu, gpu or cpu,gpu")] = "cpu,gpu",
+    concurrency: Annotated[int | None, typer.Option("-c", "--concurrency",
+                                                    help="Processes (default: cores).")] = None,
+    name: Annotated[str | None, typer.Option("-n", "--hostname")] = None,
+    loglevel: Annotated[str, typer.Option("-l", "--loglevel")] = "INFO",
+) -> None:
+    """Run a celery worker for the captrain app (extra options go to celery)."""
+    from scheduler.procs import worker_argv
+
+    bad = [q for q in queues.split(",") if q not in ("cpu", "gpu")]
+    if bad:
+        raise ConfigError(f"unknown queue {bad[0]!r}; queues are cpu and gpu")
+    _settings()
+    argv = worker_argv(queues, concurrency, name, loglevel) + list(ctx.args)
+    sys.stdout.flush()
+    os.execv(argv[0], argv)
+
+
+# --- jobs -------------------------------------------------------------------------
+
+@app.command()
+def generate(
+    name: Annotated[str, typer.Option(help="Dataset name.")],
+    count: Annotated[int, typer.Option(help="Number of captchas.")],
+    length: Annotated[int, typer.Option(help="Characters per captcha.")] = 4,
+    charset: Annotated[str, typer.Option(
+        help="digits, upper, lower, alnum, digits-upper, or the characters.")] = "digits",
+    width: Annotated[int, typer.Option(help="Image width, px.")] = 160,
+    height: Annotated[int, typer.Option(help="Image height, px.")] = 60,
+    shard_size: Annotated[int, typer.Option(help="Captchas per shard (one task).")] = 1000,
+    seed: Annotated[int, typer.Option(help="Dataset seed: same seed, same bytes.")] = 0,
+    split: Annotated[str, typer.Option(help="train,val,test fractions.")] = "0.8,0.1,0.1",
+    wait: WaitOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Synthesize a captcha dataset across the cpu workers."""
+    from scheduler.plan import plan_generate
+    from scheduler.submit import enqueue_shards
+
+    spec = validate(GenerateSpec, name=name, count=count, length=length, charset=charset,
+                    width=width, height=height, shard_size=shard_size, seed=seed,
+                    split=Split.parse(split))
+    job_id, indices = plan_generate(spec)
+    enqueue_shards("generate", job_id, indices)
+    _finish(job_id, wait, as_json)
+
+
+@app.command("import")
+def import_(
+    folder: Annotated[Path, typer.Argument(help="Folder of images named <label>.png/.jpg")],
+    name: Annotated[str, typer.Option(help="Dataset name.")],
+    shard_size: Annotated[int, typer.Option(help="Images per shard.")] = 1000,
+    as_json: JsonOpt = False,
+) -> None:
+    """Import a folder of labelled images (the file stem is the label)."""
+    from scheduler.plan import plan_import, scan_import
+
+    validate(SplitSpec, dataset=name, shard_size=shard_size)
+    total = len(scan_import(folder).files)
+    with Progress(console=err_console, disable=as_json) as bar:
+        task = bar.add_task(f"importing {folder}", total=total)
+        job_id = plan_import(folder, name, shard_size, lambda n: bar.advance(task, n))
+    if as_json:
+        _emit({"job": job_id, "dataset": name, "count": total}, True)
+    else:
+        console.print(f"imported {total} images as dataset {name} (job {job_id}); "
+                      f"split it with `captrain shard --dataset {name}`")
+
+
+@app.command()
+def shard(
+    dataset: Annotated[str, typer.Option(help="Imported dataset to split.")],
+    split: Annotated[str, typer.Option(help="train,val,test fractions.")] = "0.8,0.1,0.1",
+    shard_size: Annotated[int, typer.Option(help="Items per output shard.")] = 1000,
+    seed: Annotated[int, typer.Option(help="Seed of the split.")] = 0,
+    wait: WaitOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Split an imported dataset into seeded train/val/test shards on the workers."""
+    from scheduler.plan import plan_split
+    from scheduler.submit import enqueue_shards
+
+    spec = validate(SplitSpec, dataset=dataset, split=Split.parse(split),
+                    shard_size=shard_size, seed=seed)
+    job_id, indices = plan_split(spec)
+    enqueue_shards("split", job_id, indices)
+    _finish(job_id, wait, as_json)
+
+
+@app.command()
+def train(
+    dataset: Annotated[str, typer.Option(help="Dataset name.")],
+    model: Annotated[str, typer.Option(help="Architecture.")] = "multihead",
+    epochs: Annotated[int, typer.Option(help="Passes over the train split.")] = 6,
+    batch_size: Annotated[int, typer.Option(help="Samples per step.")] = 64,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (one-cycle).")] = 3e-3,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")] = "auto",
+    seed: Annotated[int, typer.Option(help="Seed of init and data order.")] = 0,
+    scale: Annotated[float, typer.Option(help="Image scale the model sees.")] = 0.5,
+    time_limit: Annotated[int, typer.Option(help="Hard limit, seconds.")] = 24 * 3600,
+    wait: WaitOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Train a recognizer on the gpu queue."""
+    from scheduler.plan import plan_train
+    from scheduler.submit import enqueue_train
+
+    spec = validate(TrainSpec, dataset=dataset, model=model, epochs=epochs,
+                    batch_size=batch_size, lr=lr, device=device, seed=seed, scale=scale,
+                    time_limit=time_limit)
+    run_id, job_id = plan_train(spec)
+    enqueue_train(run_id, job_id, spec.time_limit)
+    if not as_json and not wait:
+        console.print(f"run {run_id}")
+    _finish(job_id, wait, as_json)
+    if wait and not as_json:
+        run(run_id, as_json=False)
+
+
+@app.command()
+def predict(
+    files: Annotated[list[Path], typer.Argument(help="Images to read.")],
+    model: Annotated[str, typer.Option(help="Run id, dataset name or latest.")] = "latest",
+    as_json: JsonOpt = False,
+) -> None:
+    """Print the text read from each image."""
+    try:
+        from workers.predict import Predictor, predict_files
+    except ImportError as exc:
+        raise ConfigError(
+            f"predict needs the worker extra (pip install 'captrain[worker]'): {exc}"
+        ) from exc
+    predictor = Predictor.load(model)
+    results = predict_files(predictor, files)
+    if as_json:
+        _emit(results, True)
+    else:
+        for r in results:
+            if "error" in r:
+                err_console.print(f"[red]error:[/red] {r['error']}", highlight=False)
+            else:
+                console.print(f"{r['file']}\t{r['text']}\t{r['confidence']:.3f}",
+                              highlight=False)
+    if any("error" in r for r in results):
+        raise typer.Exit(InputError.exit_code)
+
+
+
+
+
+@app.command()
+def watch(job_id: int) -> None:
+    """Follow a job with progress bars until it ends (Ctrl-C detaches)."""
+    _finish(job_id, True, False)
+
+
+@app.command("reconcile")
+def reconcile_cmd(as_json: JsonOpt = False) -> None:
+    """Re-send the messages of unfinished jobs from SQL (after a broker restart)."""
+    from scheduler.submit import reconcile
+
+    sent = reconcile()
+    if as_json:
+        _emit(sent, True)
+    else:
+        console.print(f"re-sent {sent['shards']} shard tasks and {sent['runs']} runs")
+
+
+# --- status -----------------------------------------------------------------------
+
+@app.command()
+def jobs(as_json: JsonOpt = False) -> None:
+    """List jobs, newest first."""
+    from scheduler.status import list_jobs
+
+    _emit(list_jobs(), as_json, ["id", "kind", "name", "status", "shards_done", "shards",
+                                 "created", "error"], "jobs")
+
+
+@app.command()
+def job(job_id: int, as_json: JsonOpt = False) -> None:
+    """One job with per-shard progress."""
+    from scheduler.status import job_detail
+
+    d = job_detail(job_id)
+    if as_json:
+        _emit(d, True)
+        return
+    _emit({k: v for k, v in d.items() if k in ("id", "kind", "name", "status",
+                                               "shards_done", "shards", "error")}, False)
+    if d["shard_list"]:
+        _emit(d["shard_list"], False, ["index", "split", "count", "status", "worker",
+                                       "attempts", "error"], "shards")
+    if "run" in d:
+        _show_run(d["run"])
+
+
+@app.command()
+def runs(as_json: JsonOpt = False) -> None:
+    """List training runs, newest first."""
+    from scheduler.status import list_runs
+
+    _emit(list_runs(), as_json, ["id", "job", "dataset", "model", "status", "epochs",
+                                 "device", "test_seq_acc", "test_char_acc"], "runs")
+
+
+def _show_run(d: dict[str, Any]) -> None:
+    _emit({k: d[k] for k in ("id", "dataset", "model", "status", "device", "epochs_done",
+                             "epochs", "resumed_from", "error")}, False)
+    if d["per_epoch"]:
+        _emit(d["per_epoch"], False, ["epoch", "train_loss", "train_seq_acc", "val_loss",
+                                      "val_char_acc", "val_seq_acc"], "epochs")
+    if d["test"]:
+        t = d["test"]
+        console.print(f"test: seq_acc {t['seq_acc']:.4f} char_acc {t['char_acc']:.4f} "
+                      f"per position {[round(p, 4) for p in t['per_position']]} "
+                      f"({t['count']} images)")
+
+
+@app.command()
+def run(run_id: int, as_json: JsonOpt = False) -> None:
+    """One run with per-epoch metrics and test results."""
+    from scheduler.status import run_detail
+
+    d = run_detail(run_id)
+    if as_json:
+        _emit(d, True)
+    else:
+        _show_run(d)
+
+
+@app.command()
+def datasets(as_json: JsonOpt = False) -> None:
+    """List datasets."""
+    from scheduler.status import list_datasets
+
+    _emit(list_datasets(), as_json, None, "datasets")
+
+
+@app.command()
+def workers(
+    as_json: JsonOpt = False,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for replies.")] = 2.0,
+) -> None:
+    """List live workers and what they run (Celery inspect)."""
+    from shared.celery_app import app as celery_app
+
+    insp = celery_app.control.inspect(timeout=timeout)
+    try:
+        queues = insp.active_queues() or {}
+        active = insp.active() or {}
+    except OSError as exc:
+        raise ConfigError(f"broker unreachable: {exc}") from exc
+    rows = [
+        {"worker": w, "queues": ",".join(q["name"] for q in qs),
+         "active": len(active.get(w, [])),
+         "tasks": "; ".join(f"{t['name']}{t['args']}" for t in active.get(w, []))}
+        for w, qs in sorted(queues.items())
+    ]
+    _emit(rows, as_json, ["worker", "queues", "active", "tasks"], "workers")
+
+
+@app.command()
+def demo(
+    quick: Annotated[bool, typer.Option(help="A sub-minute smoke version.")] = False,
+    count: Annotated[int | None, typer.Option(help="Captchas to generate.")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Training epochs.")] = None,
+) -> None:
+    """Generate, train, evaluate and predict end to end on local workers."""
+    from scheduler.demo import run_demo
+
+    run_demo(console, quick=quick, count=count, epochs=epochs)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

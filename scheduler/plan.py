@@ -1,0 +1,213 @@
+"""Planning: turn a validated spec into SQL rows in one transaction, then enqueue.
+
+The rows are written and committed before any message is sent. A message lost
+after the commit is recovered by ``reconcile`` from the rows; a message can never
+name a row that does not exist.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from shared import shardfmt
+from shared.artifacts import put_bytes
+from shared.db import session_scope
+from shared.errors import InputError, NotFound, SpecError, StateError
+from shared.images import IMAGE_SUFFIXES, check_image
+from shared.schema import (
+    CANCELLED,
+    DONE,
+    FAILED,
+    PENDING,
+    READY,
+    SPLITS,
+    Dataset,
+    Job,
+    Run,
+    Shard,
+    utcnow,
+)
+from shared.settings import get_settings
+from shared.spec import GenerateSpec, SplitSpec, TrainSpec, derive_seed, resolve_charset
+
+
+def _settings_record() -> dict[str, Any]:
+    return get_settings().redacted()
+
+
+def _split_shards(counts: dict[str, int], shard_size: int) -> Iterator[tuple[str, int, int]]:
+    """(split, start within split, count) for each shard, train first."""
+    for split in SPLITS:
+        n = counts[split]
+        for start in range(0, n, shard_size):
+            yield split, start, min(shard_size, n - start)
+
+
+def find_dataset(session: Session, name: str) -> Dataset:
+    ds = session.execute(select(Dataset).where(Dataset.name == name)).scalar_one_or_none()
+    if ds is None:
+        raise NotFound(f"no dataset named {name!r}")
+    return ds
+
+
+def _new_dataset(session: Session, **values: Any) -> Dataset:
+    ds = Dataset(**values)
+    session.add(ds)
+    try:
+        session.flush()
+    except IntegrityError as exc:
+        raise SpecError(f"a dataset named {values['name']!r} already exists") from exc
+    return ds
+
+
+def plan_generate(spec: GenerateSpec) -> tuple[int, list[int]]:
+    """Write the job, dataset and shard rows. Returns (job id, shard indices)."""
+    with session_scope() as s:
+        if s.execute(select(Dataset.id).where(Dataset.name == spec.name)).first():
+            raise SpecError(f"a dataset named {spec.name!r} already exists")
+        job = Job(kind="generate", spec=spec.model_dump(), settings=_settings_record())
+        s.add(job)
+        s.flush()
+        ds = _new_dataset(
+            s, name=spec.name, kind="captcha", charset=spec.charset, length=spec.length,
+            width=spec.width, height=spec.height, count=spec.count, layout_job_id=job.id,
+        )
+        shards = [
+            Shard(job_id=job.id, dataset_id=ds.id, index=i, split=split, start=start,
+                  count=count, seed=derive_seed(spec.seed, i))
+            for i, (split, start, count) in enumerate(
+                _split_shards(spec.split.counts(spec.count), spec.shard_size)
+            )
+        ]
+        s.add_all(shards)
+        return job.id, [sh.index for sh in shards]
+
+
+@dataclass
+class ImportPlan:
+    files: list[tuple[Path, str]]
+    charset: str
+    length: int
+    width: int
+    height: int
+
+
+def scan_import(folder: Path) -> ImportPlan:
+    """Check every image of ``folder`` before anything is written.
+
+    Raises InputError naming the first file that is not a readable image, or whose
+    stem (its label) has a different length from the others.
+    """
+    if not folder.is_dir():
+        raise InputError(f"{folder} is not a directory")
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise InputError(f"{folder} holds no .png or .jpg images")
+    length = len(files[0].stem)
+    size = None
+    for path in files:
+        label = path.stem.split("_")[-1]
+        if len(label) != length or not label:
+            raise InputError(f"{path}: label {label!r} is not {length} characters like the rest")
+        w, h = check_image(path)
+        size = size or (w, h)
+    chars = "".join(sorted({c for p in files for c in p.stem.split("_")[-1]}))
+    try:
+        charset = resolve_charset(chars)
+    except SpecError as exc:
+        raise InputError(f"{folder}: labels cannot be used: {exc}") from exc
+    assert size is not None
+    return ImportPlan([(p, p.stem.split("_")[-1]) for p in files], charset, length, *size)
+
+
+def plan_import(
+    folder: Path, name: str, shard_size: int, progress: Callable[[int], None] | None = None
+) -> int:
+    """Store a folder of labelled images as source shards of a new dataset.
+
+    Runs here, not on a worker, because the files are on this machine. Everything is
+    written in one transaction: a failure leaves no rows. Returns the job id.
+    """
+    plan = scan_import(folder)
+    with session_scope() as s:
+        if s.execute(select(Dataset.id).where(Dataset.name == name)).first():
+            raise SpecError(f"a dataset named {name!r} already exists")
+        spec = {"dir": str(folder.resolve()), "name": name, "shard_size": shard_size}
+        job = Job(kind="import", spec=spec, settings=_settings_record(), status=DONE)
+        s.add(job)
+        s.flush()
+        ds = _new_dataset(
+            s, name=name, kind="imported", status="imported", charset=plan.charset,
+            length=plan.length, width=plan.width, height=plan.height, count=len(plan.files),
+        )
+        for index, start in enumerate(range(0, len(plan.files), shard_size)):
+            chunk = plan.files[start : start + shard_size]
+            items = [
+                shardfmt.Item(start + i, label, path.read_bytes(),
+                              path.suffix.lower().lstrip("."))
+                for i, (path, label) in enumerate(chunk)
+            ]
+            meta = {"dataset": name, "split": "source", "start": start,
+                    "charset": plan.charset, "length": plan.length}
+            sha = put_bytes(s, shardfmt.pack(items, meta), shardfmt.MEDIA_TYPE)
+            s.add(Shard(job_id=job.id, dataset_id=ds.id, index=index, split="source",
+                        start=start, count=len(items), seed=0, status=DONE, sha256=sha,
+                        finished_at=utcnow()))
+            if progress:
+                progress(len(items))
+        job.finished_at = utcnow()
+        return job.id
+
+
+def plan_split(spec: SplitSpec) -> tuple[int, list[int]]:
+    """Write a split job and its output shard rows for an imported dataset."""
+    with session_scope() as s:
+        ds = find_dataset(s, spec.dataset)
+        source = s.execute(
+            select(Job).join(Shard, Shard.job_id == Job.id)
+            .where(Shard.dataset_id == ds.id, Job.kind == "import").limit(1)
+        ).scalar_one_or_none()
+        if source is None:
+            raise StateError(f"dataset {ds.name} was not imported; only imports are re-split")
+        counts = spec.split.counts(ds.count)
+        body = spec.model_dump()
+        body["source_job_id"] = source.id
+        job = Job(kind="split", spec=body, settings=_settings_record())
+        s.add(job)
+        s.flush()
+        ds.status = PENDING
+        shards = [
+            Shard(job_id=job.id, dataset_id=ds.id, index=i, split=split, start=start,
+                  count=count, seed=derive_seed(spec.seed, i))
+            for i, (split, start, count) in enumerate(_split_shards(counts, spec.shard_size))
+        ]
+        s.add_all(shards)
+        return job.id, [sh.index for sh in shards]
+
+
+def plan_train(spec: TrainSpec) -> tuple[int, int]:
+    """Write the train job and run rows. Returns (run id, job id)."""
+    with session_scope() as s:
+        ds = find_dataset(s, spec.dataset)
+        if ds.status != READY:
+            raise StateError(
+                f"dataset {ds.name} is {ds.status}, not ready"
+                + ("; run `captrain shard` first" if ds.status == "imported" else "")
+            )
+        job = Job(kind="train", spec=spec.model_dump(), settings=_settings_record())
+        s.add(job)
+        s.flush()
+        run = Run(job_id=job.id, dataset_id=ds.id, model=spec.model)
+        s.add(run)
+        s.flush()
+        return run.id, job.id
+
+
+ENDED = (DONE, FAILED, CANCELLED)

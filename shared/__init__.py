@@ -1,0 +1,1 @@
+"""Code imported by both the scheduler and the workers. Never imports torch."""

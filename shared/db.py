@@ -1,0 +1,126 @@
+"""Engines and sessions over the configured database, and schema upgrades.
+
+SQLite (the embedded default) runs in WAL mode with a busy timeout, so worker
+processes and the CLI can write side by side. Every SQLAlchemy error that leaves
+this module is a ``DatabaseUnavailable`` (retryable) or a ``ConfigError``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event, inspect
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.orm import Session, sessionmaker
+
+from shared.errors import ConfigError, DatabaseUnavailable
+from shared.settings import Settings, get_settings, redact_url
+
+_engines: dict[tuple[int, str], Engine] = {}
+_checked: set[str] = set()
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA busy_timeout=30000")  # ms: writers queue instead of failing
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.execute("PRAGMA synchronous=NORMAL")  # WAL keeps this crash-safe
+    cur.close()
+
+
+def get_engine(settings: Settings | None = None) -> Engine:
+    """Return this process's engine for the configured database, upgrading the
+    embedded SQLite schema on first use.
+
+    Raises ConfigError if the schema of a server database is behind the code.
+    """
+    settings = settings or get_settings()
+    url = settings.effective_database_url
+    # Keyed by pid: a forked Celery child must not share its parent's sockets.
+    key = (os.getpid(), url)
+    engine = _engines.get(key)
+    if engine is None:
+        if url.startswith("sqlite"):
+            if settings.database_url is None:
+                settings.home.mkdir(parents=True, exist_ok=True)
+            engine = create_engine(url, connect_args={"timeout": 30})
+            event.listen(engine, "connect", _sqlite_pragmas)
+        else:
+            engine = create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
+        _engines[key] = engine
+        if url not in _checked:
+            _check_schema(engine, auto_upgrade=url.startswith("sqlite"))
+            _checked.add(url)
+    return engine
+
+
+def _check_schema(engine: Engine, auto_upgrade: bool) -> None:
+    from shared import migrate
+
+    try:
+        current = migrate.current_revision(engine)
+    except OperationalError as exc:
+        raise DatabaseUnavailable(
+            f"cannot reach database {redact_url(str(engine.url))}: {exc.orig}"
+        ) from exc
+    if current == migrate.head_revision():
+        return
+    if auto_upgrade:
+        migrate.upgrade(engine)
+        return
+    raise ConfigError(
+        f"database schema is at {current or 'nothing'}, code expects "
+        f"{migrate.head_revision()}: run `captrain db upgrade`"
+    )
+
+
+def dispose_all() -> None:
+    """Close every pooled connection (after a fork, or at exit)."""
+    for engine in _engines.values():
+        engine.dispose(close=False)
+    _engines.clear()
+
+
+@contextmanager
+def session_scope(settings: Settings | None = None) -> Iterator[Session]:
+    """Yield a session in a transaction that commits on success, rolls back on error.
+
+    Raises DatabaseUnavailable when the connection fails or drops.
+    """
+    factory = sessionmaker(get_engine(settings), expire_on_commit=False)
+    session = factory()
+    try:
+        yield session
+        session.commit()
+    except DBAPIError as exc:
+        session.rollback()
+        if exc.connection_invalidated or isinstance(exc, OperationalError):
+            raise DatabaseUnavailable(f"database connection failed: {exc.orig}") from exc
+        raise
+    except BaseException:
+        session.rollback()
+        raise
+    finally:
+        session.close()
+
+
+def insert_for(session: Session) -> Any:
+    """The dialect's INSERT, which has ``on_conflict_do_update/nothing``."""
+    return postgresql.insert if session.bind and session.bind.dialect.name == "postgresql" else (
+        sqlite.insert
+    )
+
+
+def table_names(engine: Engine) -> list[str]:
+    return sorted(inspect(engine).get_table_names())
+
+
+def sqlite_path(settings: Settings) -> Path | None:
+    url = settings.effective_database_url
+    return Path(url.split("///", 1)[1]) if url.startswith("sqlite:///") else None

@@ -1,0 +1,189 @@
+"""The SQL schema: the system of record for jobs, datasets, runs and artifacts.
+
+Redis only carries ids; everything needed to drive a job to completion again lives
+in these tables. Unique keys make every task's write an idempotent upsert:
+a shard is keyed by (job_id, index), a metric by (run_id, epoch, split, name), an
+artifact by its sha256.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+# Named constraints so that Alembic migrations are the same on SQLite and PostgreSQL.
+NAMING = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+
+
+# Status values. Plain strings, so that a status is readable in psql and in --json.
+PENDING, RUNNING, DONE, FAILED, CANCELLED = "pending", "running", "done", "failed", "cancelled"
+READY = "ready"
+SPLITS = ("train", "val", "test")
+
+
+class Job(Base):
+    """One user request: generate, import, split or train."""
+
+    __tablename__ = "jobs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    status: Mapped[str] = mapped_column(String(16), default=PENDING, index=True)
+    spec: Mapped[dict[str, Any]] = mapped_column(JSON)
+    # Resolved settings at submission, passwords redacted: a result is traceable
+    # to what produced it.
+    settings: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    error: Mapped[str | None] = mapped_column(Text, default=None)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), default=None)
+
+    shards: Mapped[list[Shard]] = relationship(back_populates="job", order_by="Shard.index")
+
+
+class Dataset(Base):
+    """A named, sharded dataset. ``layout_job_id`` is the job whose shards it reads."""
+
+    __tablename__ = "datasets"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    kind: Mapped[str] = mapped_column(String(16))  # captcha | imported
+    status: Mapped[str] = mapped_column(String(16), default=PENDING)
+    charset: Mapped[str] = mapped_column(Text)
+    length: Mapped[int] = mapped_column(Integer)
+    width: Mapped[int] = mapped_column(Integer)
+    height: Mapped[int] = mapped_column(Integer)
+    count: Mapped[int] = mapped_column(Integer)
+    layout_job_id: Mapped[int | None] = mapped_column(ForeignKey("jobs.id"), default=None)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Shard(Base):
+    """One unit of work and of data: ``count`` items of one split."""
+
+    __tablename__ = "shards"
+    __table_args__ = (UniqueConstraint("job_id", "index", name="uq_shards_job_index"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), index=True)
+    dataset_id: Mapped[int] = mapped_column(ForeignKey("datasets.id"), index=True)
+    index: Mapped[int] = mapped_column(Integer)
+    split: Mapped[str] = mapped_column(String(8))  # train | val | test | source
+    seed: Mapped[int] = mapped_column(BigInteger)
+    start: Mapped[int] = mapped_column(Integer, default=0)  # first item, within its split
+    count: Mapped[int] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(16), default=PENDING)
+    sha256: Mapped[str | None] = mapped_column(ForeignKey("artifacts.sha256"), default=None)
+    worker: Mapped[str | None] = mapped_column(String(255), default=None)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    error: Mapped[str | None] = mapped_column(Text, default=None)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), default=None)
+
+    job: Mapped[Job] = relationship(back_populates="shards")
+
+
+class Run(Base):
+    """One training run; its job row carries status and spec."""
+
+    __tablename__ = "runs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), unique=True)
+    dataset_id: Mapped[int] = mapped_column(ForeignKey("datasets.id"), index=True)
+    status: Mapped[str] = mapped_column(String(16), default=PENDING)
+    model: Mapped[str] = mapped_column(String(32))
+    device: Mapped[str | None] = mapped_column(String(32), default=None)
+    worker: Mapped[str | None] = mapped_column(String(255), default=None)
+    epochs_done: Mapped[int] = mapped_column(Integer, default=0)
+    checkpoint_sha256: Mapped[str | None] = mapped_column(
+        ForeignKey("artifacts.sha256"), default=None
+    )
+    resumed_from: Mapped[int | None] = mapped_column(Integer, default=None)
+    error: Mapped[str | None] = mapped_column(Text, default=None)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), default=None)
+
+
+class Metric(Base):
+    """One number of one epoch: loss, char_acc or seq_acc of a split."""
+
+    __tablename__ = "metrics"
+    __table_args__ = (
+        UniqueConstraint("run_id", "epoch", "split", "name", name="uq_metrics_key"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id"), index=True)
+    epoch: Mapped[int] = mapped_column(Integer)
+    split: Mapped[str] = mapped_column(String(8))
+    name: Mapped[str] = mapped_column(String(32))
+    value: Mapped[float] = mapped_column(Float)
+
+
+class Model(Base):
+    """A trained model: safetensors weights plus the JSON config that reads images."""
+
+    __tablename__ = "models"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id"), unique=True)
+    dataset_id: Mapped[int] = mapped_column(ForeignKey("datasets.id"), index=True)
+    weights_sha256: Mapped[str] = mapped_column(ForeignKey("artifacts.sha256"))
+    config: Mapped[dict[str, Any]] = mapped_column(JSON)
+    metrics: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Artifact(Base):
+    """A content-addressed blob; its bytes live in ``artifact_chunks``."""
+
+    __tablename__ = "artifacts"
+
+    sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    size: Mapped[int] = mapped_column(BigInteger)
+    chunks: Mapped[int] = mapped_column(Integer)
+    media_type: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class ArtifactChunk(Base):
+    __tablename__ = "artifact_chunks"
+
+    sha256: Mapped[str] = mapped_column(
+        ForeignKey("artifacts.sha256", ondelete="CASCADE"), primary_key=True
+    )
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True)
+    data: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+Index("ix_runs_status", Run.status)

@@ -1,0 +1,167 @@
+"""Job specs: what a user asked for, validated before anything is written.
+
+A spec is stored as JSON on its job row, and workers rebuild it from there; the
+queue message carries only ids.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import string
+from typing import Annotated, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from shared.errors import SpecError
+
+CHARSETS = {
+    "digits": string.digits,
+    "upper": string.ascii_uppercase,
+    "lower": string.ascii_lowercase,
+    "alnum": string.digits + string.ascii_uppercase + string.ascii_lowercase,
+    "digits-upper": string.digits + string.ascii_uppercase,
+}
+
+# Names become part of messages, logs and tar member names: keep them plain.
+S = TypeVar("S", bound=BaseModel)
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+Name = Annotated[str, Field(pattern=NAME_PATTERN)]
+MAX_COUNT = 50_000_000
+MAX_SEED = 2**63 - 1
+# ImageCaptcha squeezes the text into the width; below this many pixels per
+# character the glyphs overlap beyond recognition.
+MIN_PX_PER_CHAR = 10
+
+
+def resolve_charset(value: str) -> str:
+    """Map an alias (digits, upper, lower, alnum, digits-upper) or explicit characters
+    to the charset string.
+
+    Raises SpecError for an empty charset, duplicates, whitespace, non-printable
+    characters or path separators.
+    """
+    chars = CHARSETS.get(value, value)
+    if not chars:
+        raise SpecError("charset is empty")
+    bad = [c for c in chars if not c.isprintable() or c.isspace() or c in "/\\"]
+    if bad:
+        raise SpecError(f"charset has a character that cannot be used: {bad[0]!r}")
+    dup = sorted({c for c in chars if chars.count(c) > 1})
+    if dup:
+        raise SpecError(f"charset repeats {''.join(dup)!r}")
+    return chars
+
+
+def derive_seed(job_seed: int, index: int) -> int:
+    """The seed of shard ``index``, a function of (job seed, shard index) only.
+
+    Any worker, on any retry, with any number of workers, renders the same bytes.
+    """
+    digest = hashlib.sha256(f"captrain-shard:{job_seed}:{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Split(_Spec):
+    train: float = Field(0.8, ge=0, le=1)
+    val: float = Field(0.1, ge=0, le=1)
+    test: float = Field(0.1, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _sums_to_one(self) -> Split:
+        if abs(self.train + self.val + self.test - 1.0) > 1e-6:
+            raise ValueError("split fractions must add up to 1")
+        if self.train <= 0:
+            raise ValueError("the train fraction must be above 0")
+        return self
+
+    @classmethod
+    def parse(cls, text: str) -> Split:
+        """Parse ``"0.8,0.1,0.1"``. Raises SpecError."""
+        try:
+            parts = [float(p) for p in text.split(",")]
+        except ValueError as exc:
+            raise SpecError(f"split {text!r} is not three comma-separated numbers") from exc
+        if len(parts) != 3:
+            raise SpecError(f"split {text!r} needs three fractions: train,val,test")
+        return validate(cls, train=parts[0], val=parts[1], test=parts[2])
+
+    def counts(self, n: int) -> dict[str, int]:
+        """Items per split for ``n`` items; test takes the rounding remainder."""
+        train = int(n * self.train)
+        val = int(n * self.val)
+        out = {"train": train, "val": val, "test": n - train - val}
+        for name in ("train", "val", "test"):
+            if getattr(self, name) > 0 and out[name] == 0:
+                raise SpecError(f"{n} items are too few to give the {name} split any")
+        return out
+
+
+class GenerateSpec(_Spec):
+    kind: Literal["image"] = "image"
+    name: Name
+    count: int = Field(ge=1, le=MAX_COUNT)
+    length: int = Field(ge=1, le=32)
+    charset: str
+    width: int = Field(160, ge=32, le=1024)
+    height: int = Field(60, ge=16, le=512)
+    shard_size: int = Field(1000, ge=1, le=100_000)
+    seed: int = Field(0, ge=0, le=MAX_SEED)
+    split: Split = Split()
+
+    @field_validator("charset")
+    @classmethod
+    def _charset(cls, v: str) -> str:
+        return resolve_charset(v)
+
+    @model_validator(mode="after")
+    def _fits(self) -> GenerateSpec:
+        if self.shard_size > self.count:
+            raise ValueError(f"shard size {self.shard_size} is larger than count {self.count}")
+        if self.length * MIN_PX_PER_CHAR > self.width:
+            raise ValueError(
+                f"{self.length} characters do not fit in {self.width} px "
+                f"(at most {self.width // MIN_PX_PER_CHAR})"
+            )
+        self.split.counts(self.count)
+        return self
+
+
+class SplitSpec(_Spec):
+    """Re-shard an imported dataset into seeded train/val/test shards."""
+
+    dataset: Name
+    split: Split = Split()
+    shard_size: int = Field(1000, ge=1, le=100_000)
+    seed: int = Field(0, ge=0, le=MAX_SEED)
+
+
+class TrainSpec(_Spec):
+    dataset: Name
+    model: Literal["multihead"] = "multihead"
+    epochs: int = Field(6, ge=1, le=10_000)
+    batch_size: int = Field(64, ge=1, le=8192)
+    lr: float = Field(3e-3, gt=0, le=10)
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    seed: int = Field(0, ge=0, le=MAX_SEED)
+    # The model sees the image scaled by this factor: 160x60 becomes 80x30, which
+    # reads 4 digits as well and trains four times faster on a CPU.
+    scale: float = Field(0.5, gt=0.05, le=1.0)
+    time_limit: int = Field(24 * 3600, ge=10, le=30 * 24 * 3600, description="seconds")
+
+
+def validate(cls: type[S], **values: object) -> S:
+    """Build spec ``cls`` from ``values``; raise SpecError with one readable line."""
+    try:
+        return cls(**values)
+    except SpecError:
+        raise
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        msg = err["msg"].removeprefix("Value error, ")
+        raise SpecError(f"{where}: {msg}" if where else msg) from exc

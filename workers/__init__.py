@@ -1,0 +1,1 @@
+"""The consumer side: Celery tasks and the plain functions they call."""

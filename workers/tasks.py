@@ -1,0 +1,64 @@
+"""Celery tasks: thin wrappers that decode ids, call ``workers.jobs`` and map errors.
+
+A transient error (a dropped database or broker connection) retries with
+exponential backoff; any other error marks the job failed in SQL, with its message,
+and does not loop.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable
+from typing import Any
+
+from celery import Task
+from celery.utils.log import get_task_logger
+
+from shared.celery_app import GENERATE_SHARD, PING, SPLIT_SHARD, TRAIN, app
+from shared.errors import TransientError
+from shared.records import fail_job
+from shared.settings import get_settings
+from workers import jobs
+
+log = get_task_logger(__name__)
+HOST = socket.gethostname()
+
+
+def _run(task: Task, job_id: int, index: int | None, work: Callable[[], Any]) -> Any:
+    try:
+        return work()
+    except TransientError as exc:
+        if task.request.retries >= get_settings().task_max_retries:
+            fail_job(job_id, f"gave up after {task.request.retries} retries: {exc}", index)
+            raise
+        raise task.retry(exc=exc, countdown=min(60, 2 ** task.request.retries)) from exc
+    except Exception as exc:
+        log.exception("job %s failed", job_id)
+        fail_job(job_id, f"{type(exc).__name__}: {exc}", index)
+        raise
+
+
+@app.task(name=GENERATE_SHARD, bind=True)
+def generate_shard(self: Task, job_id: int, index: int) -> str | None:
+    """Render and store shard ``index`` of generate job ``job_id``."""
+    return _run(self, job_id, index,
+                lambda: jobs.generate_shard(job_id, index, f"{self.request.hostname or HOST}"))
+
+
+@app.task(name=SPLIT_SHARD, bind=True)
+def split_shard(self: Task, job_id: int, index: int) -> str | None:
+    """Build output shard ``index`` of split job ``job_id``."""
+    return _run(self, job_id, index,
+                lambda: jobs.split_shard(job_id, index, f"{self.request.hostname or HOST}"))
+
+
+@app.task(name=TRAIN, bind=True)
+def train(self: Task, run_id: int, job_id: int) -> dict[str, Any] | None:
+    """Train run ``run_id`` (of job ``job_id``), resuming from its last checkpoint."""
+    return _run(self, job_id, None,
+                lambda: jobs.train_run(run_id, f"{self.request.hostname or HOST}"))
+
+
+@app.task(name=PING)
+def ping() -> str:
+    return "pong"

@@ -1,0 +1,166 @@
+"""The training loop, in the pytorch-examples shape.
+
+``fit`` is a plain function: it gets loaders, a device, an optional checkpoint to
+resume from and an ``on_epoch`` callback that persists each epoch. A fresh start and
+a resume run through the same code; a resume only loads state first.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from shared.errors import ConfigError
+from workers.data import normalize
+from workers.models import ModelConfig, build_model
+
+Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
+
+
+def pick_device(want: str = "auto") -> torch.device:
+    """cuda, then mps, then cpu for ``auto``; raises ConfigError if ``want`` is absent."""
+    if want == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if want == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device cuda was asked for, but this worker has no CUDA GPU")
+    if want == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("device mps was asked for, but this worker has no MPS device")
+    return torch.device(want)
+
+
+def _loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    # logits (B, L, C), y (B, L): the sum over heads, averaged over the batch
+    return F.cross_entropy(logits.flatten(0, 1), y.flatten()) * y.shape[1]
+
+
+def train_one_epoch(
+    model: nn.Module,
+    loader: Batches,
+    opt: torch.optim.Optimizer,
+    sched: Any,
+    device: torch.device,
+    cfg: ModelConfig,
+    on_batch: Callable[[int], None] | None = None,
+) -> dict[str, float]:
+    """One pass over ``loader``; returns mean loss and running char/seq accuracy."""
+    model.train()
+    total = loss_sum = char_ok = seq_ok = 0.0
+    for x, y in loader:
+        x = normalize(x.to(device, non_blocking=True), cfg)
+        y = y.to(device, non_blocking=True)
+        logits = model(x)
+        loss = _loss(logits, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        with torch.no_grad():
+            hit = logits.argmax(-1) == y  # (B, L)
+            n = len(y)
+            total += n
+            loss_sum += loss.item() * n
+            char_ok += hit.float().mean(1).sum().item()
+            seq_ok += hit.all(1).sum().item()
+        if on_batch is not None:
+            on_batch(n)
+    total = max(total, 1)
+    return {"loss": loss_sum / total, "char_acc": char_ok / total, "seq_acc": seq_ok / total}
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, loader: Batches, device: torch.device, cfg: ModelConfig
+) -> dict[str, Any]:
+    """Loss, per-character, per-position and whole-sequence accuracy over ``loader``."""
+    model.eval()
+    total = 0
+    loss_sum = 0.0
+    pos_ok = torch.zeros(cfg.length)
+    seq_ok = 0
+    for x, y in loader:
+        x = normalize(x.to(device, non_blocking=True), cfg)
+        y = y.to(device, non_blocking=True)
+        logits = model(x)
+        hit = (logits.argmax(-1) == y).cpu()
+        total += len(y)
+        loss_sum += _loss(logits, y).item() * len(y)
+        pos_ok += hit.float().sum(0)
+        seq_ok += int(hit.all(1).sum())
+    n = max(total, 1)
+    per_pos = (pos_ok / n).tolist()
+    return {
+        "loss": loss_sum / n,
+        "char_acc": sum(per_pos) / len(per_pos),
+        "seq_acc": seq_ok / n,
+        "per_position": per_pos,
+        "count": total,
+    }
+
+
+@dataclass
+class FitResult:
+    model: nn.Module
+    test: dict[str, Any]
+    resumed_from: int | None
+
+
+def fit(
+    cfg: ModelConfig,
+    *,
+    train: Any,
+    val: Any,
+    test: Any,
+    train_count: int,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    device: torch.device,
+    resume: dict[str, Any] | None = None,
+    on_epoch: Callable[[int, dict[str, float], dict[str, float], dict[str, Any]], None],
+    on_batch: Callable[[int], None] | None = None,
+) -> FitResult:
+    """Train for ``epochs`` (from the checkpoint's epoch when resuming), then test.
+
+    ``train``/``val``/``test`` have an ``epoch(e)`` method yielding batches.
+    ``on_epoch(epoch, train_metrics, val_metrics, checkpoint)`` persists each epoch;
+    the checkpoint is a plain dict that ``resume`` accepts back.
+    """
+    torch.manual_seed(seed)
+    model = build_model(cfg).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    steps_per_epoch = max(1, math.ceil(train_count / batch_size))
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=lr, total_steps=epochs * steps_per_epoch, pct_start=0.2
+    )
+    start = 0
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        opt.load_state_dict(resume["optimizer"])
+        sched.load_state_dict(resume["scheduler"])
+        torch.set_rng_state(resume["rng"])
+        start = int(resume["epoch"])
+    for epoch in range(start, epochs):
+        tr = train_one_epoch(model, train.epoch(epoch), opt, sched, device, cfg, on_batch)
+        va = evaluate(model, val.epoch(0), device, cfg)
+        ckpt = {
+            "model": model.state_dict(),
+            "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(),
+            "epoch": epoch + 1,
+            "rng": torch.get_rng_state(),
+            "config": cfg.to_dict(),
+        }
+        on_epoch(epoch + 1, tr, va, ckpt)
+    result = evaluate(model, test.epoch(0), device, cfg)
+    return FitResult(model=model, test=result, resumed_from=start if resume else None)

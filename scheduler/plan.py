@@ -154,7 +154,7 @@ def plan_import(
                               path.suffix.lower().lstrip("."))
                 for i, (path, label) in enumerate(chunk)
             ]
-            meta = {"dataset": name, "split": "source", "start": start,
+            meta = {"split": "source", "start": start,
                     "charset": plan.charset, "length": plan.length}
             sha = put_bytes(s, shardfmt.pack(items, meta), shardfmt.MEDIA_TYPE)
             s.add(Shard(job_id=job.id, dataset_id=ds.id, index=index, split="source",

@@ -116,7 +116,7 @@ def spool_verified(session: Session, sha256: str) -> BinaryIO:
     Large artifacts go to disk rather than memory; nothing is returned unless the
     hash matched.
     """
-    out = tempfile.SpooledTemporaryFile(max_size=64 * 1024 * 1024)
+    out = tempfile.SpooledTemporaryFile(max_size=64 * 1024 * 1024)  # noqa: SIM115 (returned)
     try:
         for chunk in iter_chunks(session, sha256):
             out.write(chunk)

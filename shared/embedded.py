@@ -12,8 +12,8 @@ import os
 import signal
 import subprocess
 import time
-from contextlib import contextmanager
 from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import redis
@@ -102,11 +102,9 @@ def stop(settings: Settings, timeout: float = 10.0) -> bool:
     if not is_running(settings):
         pidfile.unlink(missing_ok=True)
         return False
-    try:
+    # SHUTDOWN closes the connection under our feet; that is its success.
+    with suppress(redis.ConnectionError, redis.ResponseError):
         _client(settings.redis_socket).shutdown(nosave=True)
-    except (redis.ConnectionError, redis.ResponseError):
-        # SHUTDOWN closes the connection under our feet; that is its success.
-        pass
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and is_running(settings):
         time.sleep(0.05)

@@ -143,7 +143,9 @@ def load_settings() -> Settings:
     an invalid value.
     """
     known = {PREFIX + name.upper() for name in Settings.model_fields}
-    unknown = sorted(k for k in os.environ if k.upper().startswith(PREFIX) and k.upper() not in known)
+    unknown = sorted(
+        k for k in os.environ if k.upper().startswith(PREFIX) and k.upper() not in known
+    )
     if unknown:
         raise ConfigError(
             f"unknown setting {unknown[0]}; known settings are {', '.join(sorted(known))}"

@@ -70,7 +70,7 @@ def unpack(data: bytes | io.BufferedIOBase | Any) -> tuple[dict[str, Any], Itera
     """
     fileobj = io.BytesIO(data) if isinstance(data, bytes | bytearray) else data
     try:
-        tar = tarfile.open(fileobj=fileobj, mode="r:")
+        tar = tarfile.open(fileobj=fileobj, mode="r:")  # noqa: SIM115 (closed by _items)
         first = tar.next()
     except (tarfile.TarError, EOFError, OSError) as exc:
         raise ArtifactError(f"shard is not a readable tar: {exc}") from exc

@@ -49,13 +49,13 @@ def generate_shard(job_id: int, index: int, worker: str) -> str | None:
 
     if not start_shard(job_id, index, worker):
         return None
-    job, shard, dataset = _load_shard_context(job_id, index)
+    job, shard, _ = _load_shard_context(job_id, index)
     spec = GenerateSpec(**job.spec)
     items = render_items(
         shard.seed, shard.start, shard.count, spec.charset, spec.length, spec.width, spec.height
     )
     meta = {
-        "dataset": dataset.name, "split": shard.split, "start": shard.start,
+        "split": shard.split, "start": shard.start,
         "charset": spec.charset, "length": spec.length,
         "width": spec.width, "height": spec.height, "seed": shard.seed,
     }
@@ -102,7 +102,7 @@ def split_shard(job_id: int, index: int, worker: str) -> str | None:
     if any(p is None for p in picked):
         raise StateError(f"source shards of job {source_job} do not hold {total} items")
     meta = {
-        "dataset": dataset.name, "split": shard.split, "start": shard.start,
+        "split": shard.split, "start": shard.start,
         "charset": dataset.charset, "length": dataset.length,
         "width": dataset.width, "height": dataset.height, "seed": spec.seed,
     }

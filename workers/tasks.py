@@ -15,7 +15,7 @@ from celery import Task
 from celery.utils.log import get_task_logger
 
 from shared.celery_app import GENERATE_SHARD, PING, SPLIT_SHARD, TRAIN, app
-from shared.errors import TransientError
+from shared.errors import NotFound, TransientError
 from shared.records import fail_job
 from shared.settings import get_settings
 from workers import jobs
@@ -27,6 +27,11 @@ HOST = socket.gethostname()
 def _run(task: Task, job_id: int, index: int | None, work: Callable[[], Any]) -> Any:
     try:
         return work()
+    except NotFound as exc:
+        # A message naming rows this database does not have (a stale queue after a
+        # database reset): nothing to record it against, so drop it loudly.
+        log.error("dropping task for job %s: %s", job_id, exc)
+        return None
     except TransientError as exc:
         if task.request.retries >= get_settings().task_max_retries:
             fail_job(job_id, f"gave up after {task.request.retries} retries: {exc}", index)

@@ -1,0 +1,80 @@
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from workers import checkpoint
+from workers.data import decode_label, encode_label
+from workers.models import ModelConfig, build_model
+from workers.train import fit
+
+CFG = ModelConfig(charset="0123456789", length=4, in_height=30, in_width=80,
+                  image_height=60, image_width=160)
+
+
+def test_multihead_cnn_gives_one_distribution_per_position():
+    model = build_model(CFG)
+    out = model(torch.zeros(5, 1, 30, 80))
+    assert out.shape == (5, 4, 10)  # (B, L, C)
+    cfg = ModelConfig(**{**CFG.to_dict(), "charset": "ABC", "length": 6})
+    assert build_model(cfg)(torch.zeros(2, 1, 30, 80)).shape == (2, 6, 3)
+
+
+def test_label_codec_round_trips_and_refuses_bad_labels():
+    assert encode_label("0782", "0123456789", 4) == [0, 7, 8, 2]
+    assert decode_label([0, 7, 8, 2], "0123456789") == "0782"
+    for bad in ("078", "07a2"):
+        with pytest.raises(ValueError):
+            encode_label(bad, "0123456789", 4)
+
+
+def test_a_checkpoint_round_trips_without_pickle():
+    model = build_model(CFG)
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.randn(2, 1, 30, 80)).sum().backward()
+    opt.step()
+    state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": 3,
+             "rng": torch.get_rng_state(), "py": random.getstate(), "config": CFG.to_dict()}
+    blob = checkpoint.dumps(state)
+    assert b"\x80\x04" not in blob[:64]  # not a pickle protocol header
+    back = checkpoint.loads(blob)
+    assert back["epoch"] == 3 and back["config"] == CFG.to_dict()
+    for k, v in state["model"].items():
+        assert torch.equal(back["model"][k], v)
+    opt2 = torch.optim.AdamW(build_model(CFG).parameters())
+    opt2.load_state_dict(back["optimizer"])
+    assert opt2.state_dict()["param_groups"][0]["lr"] == opt.state_dict()["param_groups"][0]["lr"]
+
+
+def test_garbage_is_not_a_checkpoint():
+    from shared.errors import ArtifactError
+
+    with pytest.raises(ArtifactError):
+        checkpoint.loads(b"\x00" * 100)
+
+
+class _Loader:
+    def __init__(self, x, y, bs=16):
+        self.x, self.y, self.bs = x, y, bs
+
+    def epoch(self, e):
+        for i in range(0, len(self.x), self.bs):
+            yield self.x[i : i + self.bs], self.y[i : i + self.bs]
+
+
+def test_resuming_from_a_checkpoint_matches_an_uninterrupted_run():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (64, 1, 30, 80), dtype=torch.uint8, generator=g)
+    y = torch.randint(0, 10, (64, 4), generator=g)
+    loader = _Loader(x, y)
+    kw = dict(train=loader, val=loader, test=loader, train_count=64, epochs=3,
+              batch_size=16, lr=1e-3, seed=1, device=torch.device("cpu"))
+    ckpts: dict[int, dict] = {}
+    full = fit(CFG, on_epoch=lambda e, tr, va, c: ckpts.setdefault(e, checkpoint.loads(
+        checkpoint.dumps(c))), **kw)
+    resumed = fit(CFG, resume=ckpts[2], on_epoch=lambda *a: None, **kw)
+    assert resumed.resumed_from == 2
+    for k, v in full.model.state_dict().items():
+        assert torch.allclose(v, resumed.model.state_dict()[k], atol=1e-6), k

@@ -1,0 +1,62 @@
+from __future__ import annotations
+
+import pytest
+
+from shared.errors import ConfigError
+from shared.settings import load_settings, redact_url
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch, tmp_path):
+    import os
+
+    for k in list(os.environ):
+        if k.startswith("CAPTRAIN_"):
+            monkeypatch.delenv(k)
+    monkeypatch.setenv("CAPTRAIN_HOME", str(tmp_path))
+
+
+def test_no_settings_means_the_embedded_default(tmp_path):
+    s = load_settings()
+    assert s.embedded_broker
+    assert s.effective_broker_url == f"redis+socket://{tmp_path}/redis.sock"
+    assert s.effective_database_url == f"sqlite:///{tmp_path}/captrain.db"
+
+
+def test_an_unknown_captrain_variable_is_an_error(monkeypatch):
+    monkeypatch.setenv("CAPTRAIN_BROKER_ULR", "redis://x")
+    with pytest.raises(ConfigError, match="unknown setting CAPTRAIN_BROKER_ULR"):
+        load_settings()
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("CAPTRAIN_BROKER_URL", "amqp://guest@localhost//"),
+     ("CAPTRAIN_DATABASE_URL", "mysql://root@localhost/x"),
+     ("CAPTRAIN_VISIBILITY_TIMEOUT", "soon"),
+     ("CAPTRAIN_VISIBILITY_TIMEOUT", "5"),
+     ("CAPTRAIN_ARTIFACT_CHUNK_BYTES", "-1"),
+     ("CAPTRAIN_LOG_LEVEL", "LOUD")],
+)
+def test_invalid_values_name_the_variable(monkeypatch, name, value):
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError, match=name):
+        load_settings()
+
+
+def test_plain_postgresql_urls_get_the_psycopg3_driver(monkeypatch):
+    monkeypatch.setenv("CAPTRAIN_DATABASE_URL", "postgresql://u:p@db/captrain")
+    assert load_settings().database_url == "postgresql+psycopg://u:p@db/captrain"
+
+
+def test_passwords_are_redacted_everywhere_settings_are_shown(monkeypatch):
+    monkeypatch.setenv("CAPTRAIN_BROKER_URL", "rediss://:s3cret@redis.example:6380/0")
+    monkeypatch.setenv("CAPTRAIN_DATABASE_URL", "postgresql://bob:hunter2@db:5432/ct")
+    shown = repr(load_settings().redacted())
+    assert "s3cret" not in shown and "hunter2" not in shown
+    assert "rediss://:***@redis.example:6380/0" in shown
+    assert "bob:***@db:5432" in shown
+
+
+def test_redact_leaves_urls_without_password_alone():
+    assert redact_url("redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"

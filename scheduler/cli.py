@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 from typing import Annotated, Any
 
-import click
 import typer
 from rich.console import Console
 from rich.progress import Progress
@@ -30,7 +29,7 @@ err_console = Console(stderr=True)
 class _Group(TyperGroup):
     """Turns every CaptrainError, from any subcommand, into one line and an exit code."""
 
-    def invoke(self, ctx: click.Context) -> Any:
+    def invoke(self, ctx: Any) -> Any:  # typer vendors click; its Context is private
         try:
             return super().invoke(ctx)
         except CaptrainError as exc:

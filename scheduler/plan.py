@@ -177,8 +177,7 @@ def plan_split(spec: SplitSpec) -> tuple[int, list[int]]:
         if source is None:
             raise StateError(f"dataset {ds.name} was not imported; only imports are re-split")
         counts = spec.split.counts(ds.count)
-        body = spec.model_dump()
-        body["source_job_id"] = source.id
+        body = spec.model_copy(update={"source_job_id": source.id}).model_dump()
         job = Job(kind="split", spec=body, settings=_settings_record())
         s.add(job)
         s.flush()

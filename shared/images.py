@@ -64,7 +64,7 @@ def load_rgb(path: Path) -> Image.Image:
         if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
             # Stretch wide grey to 8 bits by its own range; "L" would clip it.
             im = im.convert("F")
-            lo, hi = im.getextrema()
+            lo, hi = (float(v) for v in im.getextrema())  # type: ignore[arg-type]
             scale = 255.0 / (hi - lo) if hi > lo else 0.0
             im = im.point(lambda v: (v - lo) * scale).convert("L")
         if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):

@@ -101,6 +101,9 @@ class Split(_Spec):
         return out
 
 
+DEFAULT_SPLIT = Split(train=0.8, val=0.1, test=0.1)
+
+
 class GenerateSpec(_Spec):
     kind: Literal["image"] = "image"
     name: Name
@@ -111,7 +114,7 @@ class GenerateSpec(_Spec):
     height: int = Field(60, ge=16, le=512)
     shard_size: int = Field(1000, ge=1, le=100_000)
     seed: int = Field(0, ge=0, le=MAX_SEED)
-    split: Split = Split()
+    split: Split = Field(default_factory=lambda: DEFAULT_SPLIT)
 
     @field_validator("charset")
     @classmethod
@@ -135,9 +138,11 @@ class SplitSpec(_Spec):
     """Re-shard an imported dataset into seeded train/val/test shards."""
 
     dataset: Name
-    split: Split = Split()
+    split: Split = Field(default_factory=lambda: DEFAULT_SPLIT)
     shard_size: int = Field(1000, ge=1, le=100_000)
     seed: int = Field(0, ge=0, le=MAX_SEED)
+    # Filled in by planning: the import job whose source shards are re-split.
+    source_job_id: int | None = None
 
 
 class TrainSpec(_Spec):

@@ -30,7 +30,7 @@ def test_rgb_png_and_jpeg_load_as_rgb(tmp_path):
 
 @pytest.mark.parametrize("mode", ["L", "P", "CMYK", "RGBA", "LA", "1", "I;16", "I", "F"])
 def test_every_common_mode_converts_to_rgb(tmp_path, mode):
-    p = tmp_path / ("a.tiff" if mode in ("CMYK", "F") else "a.png")
+    p = tmp_path / ("a.tiff" if mode in ("CMYK", "F", "I") else "a.png")
     im = Image.new("L", (40, 20), 128).convert(mode) if mode not in ("I;16",) else \
         Image.fromarray(np.full((20, 40), 40000, dtype=np.uint16))
     im.save(p)

@@ -88,7 +88,7 @@ def test_import_shard_and_train_on_a_folder_of_labelled_images(backend, start_wo
     start_worker(backend, queues="cpu,gpu", concurrency=2)
     job = json.loads(_ok(["shard", "--dataset", "folder", "--split", "0.6,0.2,0.2",
                           "--shard-size", "10", "--seed", "9", "--wait", "--json"]))
-    assert job["status"] == "done" and job["shards"] == 6
+    assert job["status"] == "done" and job["shards"] == 8  # 36+12+12 in shards of 10
     detail = json.loads(_ok(["job", str(job["id"]), "--json"]))
     assert sum(s["count"] for s in detail["shard_list"]) == 60
     assert {s["split"] for s in detail["shard_list"]} == {"train", "val", "test"}
@@ -104,7 +104,8 @@ def test_a_corrupt_image_in_an_import_folder_imports_nothing(backend, tmp_path):
     (folder / "5678.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
     result = runner.invoke(app, ["import", str(folder), "--name", "bad"])
     assert result.exit_code != 0 and "5678.png" in result.output
-    assert json.loads(_ok(["datasets", "--json"])) == []
+    names = [d["name"] for d in json.loads(_ok(["datasets", "--json"]))]
+    assert "bad" not in names
 
 
 def test_one_and_two_workers_make_identical_shards(tmp_path, redis_url, monkeypatch):
@@ -134,7 +135,7 @@ def test_one_and_two_workers_make_identical_shards(tmp_path, redis_url, monkeypa
             print(f"2 workers made shards: {sorted(makers)}")
     print(f"1 worker: {len(hashes[0])} shards; 2 workers: {len(hashes[1])} shards; "
           f"equal={hashes[0] == hashes[1]}")
-    assert len(hashes[0]) == 12 and all(sha for _, sha in hashes[0])
+    assert len(hashes[0]) == 10 and all(sha for _, sha in hashes[0])
     assert hashes[0] == hashes[1]
 
 

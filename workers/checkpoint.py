@@ -14,6 +14,7 @@ import json
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
@@ -69,7 +70,7 @@ def loads(data: bytes) -> dict[str, Any]:
         header = json.loads(data[8 : 8 + header_len])
         tree = json.loads(header["__metadata__"][_META_KEY])
         state = _decode(tree, tensors)
-    except (ValueError, KeyError, TypeError, OSError, RuntimeError) as exc:
+    except (SafetensorError, ValueError, KeyError, TypeError, OSError, RuntimeError) as exc:
         raise ArtifactError(f"checkpoint is malformed: {exc}") from exc
     if not isinstance(state, dict):
         raise ArtifactError("checkpoint is malformed: not a dict")

@@ -75,7 +75,7 @@ def split_shard(job_id: int, index: int, worker: str) -> str | None:
         return None
     job, shard, dataset = _load_shard_context(job_id, index)
     spec = SplitSpec(**job.spec)
-    source_job = int(job.spec["source_job_id"])
+    source_job = spec.source_job_id
     with session_scope() as s:
         sources = s.execute(
             select(Shard.start, Shard.count, Shard.sha256)
@@ -90,7 +90,7 @@ def split_shard(job_id: int, index: int, worker: str) -> str | None:
     wanted = {src: pos for pos, src in enumerate(perm[begin : begin + shard.count])}
     picked: list[shardfmt.Item | None] = [None] * shard.count
     for start, count, sha in sources:
-        if not any(start <= i < start + count for i in wanted):
+        if sha is None or not any(start <= i < start + count for i in wanted):
             continue
         with session_scope() as s:
             data = read_verified(s, sha)
@@ -118,6 +118,7 @@ def _shards_by_split(dataset: Dataset) -> dict[str, list[tuple[str, int]]]:
         ).all()
     out: dict[str, list[tuple[str, int]]] = defaultdict(list)
     for split, sha, count in rows:
+        assert sha is not None  # done shards always carry their artifact
         out[split].append((sha, count))
     return out
 
@@ -151,7 +152,7 @@ def train_run(run_id: int, worker: str, progress: Any = None) -> dict[str, Any] 
         run.status = job.status = RUNNING
         run.worker, run.device = worker, str(device)
         ckpt_sha = run.checkpoint_sha256
-        resume = checkpoint.loads(read_verified(s, ckpt_sha)) if ckpt_sha else None
+        resume = checkpoint.loads(read_verified(s, ckpt_sha)) if ckpt_sha is not None else None
 
     cfg = ModelConfig(
         charset=dataset.charset, length=dataset.length,

@@ -14,6 +14,7 @@ import numpy as np
 import safetensors.torch
 import torch
 from PIL import Image
+from safetensors import SafetensorError
 from torch import nn
 
 from shared.artifacts import read_verified
@@ -45,7 +46,7 @@ class Predictor:
         model = build_model(cfg)
         try:
             model.load_state_dict(safetensors.torch.load(blob))
-        except (RuntimeError, ValueError) as exc:
+        except (SafetensorError, RuntimeError, ValueError) as exc:
             raise ArtifactError(f"model of run {run_id} does not load: {exc}") from exc
         model.eval()
         return cls(model, cfg, run_id)

@@ -35,6 +35,10 @@ class _Group(TyperGroup):
         except CaptrainError as exc:
             err_console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            # Jobs live in SQL and on the workers: leaving the CLI cancels nothing.
+            err_console.print("interrupted; submitted jobs go on (captrain jobs)")
+            raise typer.Exit(130) from None
 
 
 app = typer.Typer(cls=_Group, no_args_is_help=True, add_completion=False,

@@ -133,9 +133,9 @@ class Worker:
         full["PYTHONUNBUFFERED"] = "1"
         with open(log, "wb") as fh:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "celery", "-A", "shared.celery_app", "worker",
-                 "-Q", queues, "-c", str(concurrency), "-n", self.name,
-                 "--loglevel", "INFO", "-E"],
+                # `captrain worker` execs `celery -A shared.celery_app worker`.
+                [sys.executable, "-m", "scheduler.cli", "worker", "-Q", queues,
+                 "-c", str(concurrency), "-n", self.name, "--loglevel", "INFO"],
                 cwd=ROOT, env=full, stdout=fh, stderr=subprocess.STDOUT,
                 start_new_session=True,
             )

@@ -34,7 +34,10 @@ def _shard_hashes(job_id: int) -> list[tuple[int, str]]:
 
 
 def test_generate_train_and_predict_through_real_workers(backend, start_worker, tmp_path):
-    start_worker(backend, queues="cpu,gpu", concurrency=2)
+    worker = start_worker(backend, queues="cpu,gpu", concurrency=2)
+    live = json.loads(_ok(["workers", "--json", "--timeout", "3"]))
+    mine = [w for w in live if w["worker"].startswith(worker.name.split("@")[0])]
+    assert mine and set(mine[0]["queues"].split(",")) == {"cpu", "gpu"}
     out = _ok(["generate", "--name", "tiny", "--count", "240", "--shard-size", "40",
                "--seed", "3", "--wait", "--json"])
     job = json.loads(out)

@@ -7,13 +7,16 @@ own commit, so two shards that finish at once cannot both miss the last one.
 
 from __future__ import annotations
 
+import os
+import socket
+from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session
 
 from shared.db import insert_for, session_scope
-from shared.errors import NotFound
+from shared.errors import NotFound, StateError
 from shared.schema import (
     CANCELLED,
     DONE,
@@ -30,6 +33,13 @@ from shared.schema import (
     utcnow,
 )
 
+# A shard or run whose worker died this many times is poison: mark it failed.
+MAX_ATTEMPTS = 5
+# Seconds without a heartbeat after which a run on another host may be taken over.
+# Heartbeats come every HEARTBEAT_SECONDS while training.
+LEASE_STALE_SECONDS = 180
+HEARTBEAT_SECONDS = 20
+
 
 def get_shard(session: Session, job_id: int, index: int) -> Shard:
     shard = session.execute(
@@ -41,20 +51,93 @@ def get_shard(session: Session, job_id: int, index: int) -> Shard:
 
 
 def start_shard(job_id: int, index: int, worker: str) -> bool:
-    """Record an attempt at a shard. Returns False if it is already done or its job
-    has ended (nothing to do)."""
+    """Record an attempt at a shard. Returns False if there is nothing to do: the
+    shard is done, its job has ended, or it has used up its attempts (then the job
+    is marked failed: a message that kills its worker each time must not loop).
+    """
     with session_scope() as s:
         shard = get_shard(s, job_id, index)
         job = s.get(Job, job_id)
         assert job is not None
         if shard.status == DONE or job.status in (CANCELLED, FAILED):
             return False
-        shard.attempts += 1
-        shard.worker = worker
-        shard.status = RUNNING
-        if job.status == PENDING:
-            job.status = RUNNING
+        attempts = shard.attempts
+        if attempts < MAX_ATTEMPTS:
+            shard.attempts += 1
+            shard.worker = worker
+            shard.status = RUNNING
+            if job.status == PENDING:
+                job.status = RUNNING
+            return True
+    fail_job(job_id, f"shard {index} gave up after {attempts} attempts", index)
+    return False
+
+
+def _rowcount(result: Any) -> int:
+    return int(result.rowcount)  # an UPDATE's result is a CursorResult
+
+
+class LeaseLost(StateError):
+    """Another process took over this run (this one was silent for too long)."""
+
+
+def _owner_is_dead(owner: str) -> bool:
+    host, _, pid = owner.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False  # on another machine: only its heartbeat can tell
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
         return True
+    except PermissionError:
+        return False
+    return False
+
+
+def acquire_run(run_id: int, owner: str) -> str:
+    """Take the lease of a run for ``owner`` ("host:pid").
+
+    Returns "acquired", "done" (nothing to do), "held" (another live process trains
+    it: this delivery is a duplicate) or "exhausted" (attempts used up; the run is
+    then marked failed). The compare-and-set UPDATE makes two simultaneous
+    deliveries agree on one winner.
+    """
+    now = utcnow()
+    with session_scope() as s:
+        run = s.get(Run, run_id)
+        if run is None:
+            raise NotFound(f"no run {run_id}")
+        if run.status in (DONE, CANCELLED, FAILED):
+            return "done"
+        if run.attempts >= MAX_ATTEMPTS:
+            attempts, job_id = run.attempts, run.job_id
+        else:
+            holder = run.lease_owner
+            free = or_(
+                Run.lease_owner.is_(None),
+                Run.lease_owner == owner,
+                Run.heartbeat_at < now - timedelta(seconds=LEASE_STALE_SECONDS),
+            )
+            if holder is not None and _owner_is_dead(holder):
+                free = or_(free, Run.lease_owner == holder)
+            got = _rowcount(s.execute(
+                update(Run)
+                .where(Run.id == run_id, Run.status.notin_([DONE, CANCELLED, FAILED]), free)
+                .values(lease_owner=owner, heartbeat_at=now, attempts=Run.attempts + 1)
+            ))
+            return "acquired" if got == 1 else "held"
+    fail_job(job_id, f"training gave up after {attempts} attempts")
+    return "exhausted"
+
+
+def heartbeat(session: Session, run_id: int, owner: str) -> None:
+    """Renew the lease inside ``session``. Raises LeaseLost if another process holds it."""
+    got = _rowcount(session.execute(
+        update(Run).where(Run.id == run_id, Run.lease_owner == owner)
+        .values(heartbeat_at=utcnow())
+    ))
+    if got != 1:
+        raise LeaseLost(f"run {run_id} was taken over by another worker")
 
 
 def finish_shard(session: Session, job_id: int, index: int, sha256: str, worker: str) -> None:

@@ -129,6 +129,11 @@ class Run(Base):
         ForeignKey("artifacts.sha256"), default=None
     )
     resumed_from: Mapped[int | None] = mapped_column(Integer, default=None)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # The lease: which process ("host:pid") trains this run, and when it last said so.
+    # A second delivery of the train message finds a live lease and stands down.
+    lease_owner: Mapped[str | None] = mapped_column(String(255), default=None)
+    heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), default=None)
     error: Mapped[str | None] = mapped_column(Text, default=None)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), default=None)

@@ -8,7 +8,11 @@ SQL state first and writes with idempotent upserts.
 from __future__ import annotations
 
 import json
+import logging
+import os
 import random
+import socket
+import time
 from collections import defaultdict
 from typing import Any
 
@@ -18,9 +22,20 @@ from shared import shardfmt
 from shared.artifacts import put_bytes, read_verified
 from shared.db import insert_for, session_scope
 from shared.errors import NotFound, StateError
-from shared.records import complete_if_done, finish_shard, get_shard, start_shard, upsert_metrics
+from shared.records import (
+    HEARTBEAT_SECONDS,
+    acquire_run,
+    complete_if_done,
+    finish_shard,
+    get_shard,
+    heartbeat,
+    start_shard,
+    upsert_metrics,
+)
 from shared.schema import DONE, READY, RUNNING, Dataset, Job, Model, Run, Shard, utcnow
 from shared.spec import GenerateSpec, SplitSpec, TrainSpec
+
+log = logging.getLogger(__name__)
 
 
 def _load_shard_context(job_id: int, index: int) -> tuple[Job, Shard, Dataset]:
@@ -136,12 +151,14 @@ def train_run(run_id: int, worker: str, progress: Any = None) -> dict[str, Any] 
     from workers.models import ModelConfig
     from workers.train import fit, pick_device
 
+    owner = f"{socket.gethostname()}:{os.getpid()}"
+    lease = acquire_run(run_id, owner)
+    if lease != "acquired":
+        log.warning("run %s: not training here (%s)", run_id, lease)
+        return None
     with session_scope() as s:
         run = s.get(Run, run_id)
-        if run is None:
-            raise NotFound(f"no run {run_id}")
-        if run.status == DONE:
-            return None
+        assert run is not None
         job = s.get(Job, run.job_id)
         dataset = s.get(Dataset, run.dataset_id)
         assert job is not None and dataset is not None
@@ -178,6 +195,7 @@ def train_run(run_id: int, worker: str, progress: Any = None) -> dict[str, Any] 
     def on_epoch(epoch: int, tr: dict[str, float], va: dict[str, Any], ckpt: dict) -> None:
         blob = checkpoint.dumps(ckpt)
         with session_scope() as s:
+            heartbeat(s, run_id, owner)
             sha = put_bytes(s, blob, checkpoint.MEDIA_TYPE)
             upsert_metrics(s, run_id, epoch, "train", tr)
             upsert_metrics(s, run_id, epoch, "val", va)
@@ -187,16 +205,26 @@ def train_run(run_id: int, worker: str, progress: Any = None) -> dict[str, Any] 
         if progress is not None:
             progress(epoch, epoch * train_count, spec.epochs * train_count, va)
 
+    last_beat = time.monotonic()
+
+    def on_batch(_n: int) -> None:
+        nonlocal last_beat
+        if time.monotonic() - last_beat > HEARTBEAT_SECONDS:
+            with session_scope() as s:
+                heartbeat(s, run_id, owner)
+            last_beat = time.monotonic()
+
     result = fit(
         cfg, train=loader("train", True), val=loader("val", False), test=loader("test", False),
         train_count=train_count, epochs=spec.epochs, batch_size=spec.batch_size, lr=spec.lr,
-        seed=spec.seed, device=device, resume=resume, on_epoch=on_epoch,
+        seed=spec.seed, device=device, resume=resume, on_epoch=on_epoch, on_batch=on_batch,
     )
     weights = safetensors.torch.save(
         {k: v.detach().cpu().contiguous() for k, v in result.model.state_dict().items()},
         metadata={"config": json.dumps(cfg.to_dict())},
     )
     with session_scope() as s:
+        heartbeat(s, run_id, owner)
         sha = put_bytes(s, weights, "application/vnd.captrain.model+safetensors")
         upsert_metrics(s, run_id, spec.epochs, "test", result.test)
         s.execute(

@@ -18,7 +18,7 @@ from rich.progress import Progress
 from rich.table import Table
 from typer.core import TyperGroup
 
-from shared.errors import CaptrainError, ConfigError, InputError
+from shared.errors import CaptrainError, ConfigError, InputError, NotFound
 from shared.spec import GenerateSpec, Split, SplitSpec, TrainSpec, validate
 
 console = Console()
@@ -72,6 +72,14 @@ def _emit(data: Any, as_json: bool, columns: list[str] | None = None, title: str
 
 def _fmt(v: Any) -> str:
     return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
+def _parse_id(text: str, kind: str) -> int:
+    # Ids are taken as text so that a malformed one gets the same one-line error as
+    # an unknown one, not a usage screen.
+    if not text.isdigit() or len(text) > 18:
+        raise NotFound(f"{kind} id {text!r} is not a positive number")
+    return int(text)
 
 
 def _finish(job_id: int, wait: bool, as_json: bool) -> None:
@@ -290,7 +298,7 @@ def train(
         console.print(f"run {run_id}")
     _finish(job_id, wait, as_json)
     if wait and not as_json:
-        run(run_id, as_json=False)
+        run(str(run_id), as_json=False)
 
 
 @app.command()
@@ -325,9 +333,9 @@ def predict(
 
 
 @app.command()
-def watch(job_id: int) -> None:
+def watch(job_id: str) -> None:
     """Follow a job with progress bars until it ends (Ctrl-C detaches)."""
-    _finish(job_id, True, False)
+    _finish(_parse_id(job_id, "job"), True, False)
 
 
 @app.command("reconcile")
@@ -354,11 +362,11 @@ def jobs(as_json: JsonOpt = False) -> None:
 
 
 @app.command()
-def job(job_id: int, as_json: JsonOpt = False) -> None:
+def job(job_id: str, as_json: JsonOpt = False) -> None:
     """One job with per-shard progress."""
     from scheduler.status import job_detail
 
-    d = job_detail(job_id)
+    d = job_detail(_parse_id(job_id, "job"))
     if as_json:
         _emit(d, True)
         return
@@ -394,11 +402,11 @@ def _show_run(d: dict[str, Any]) -> None:
 
 
 @app.command()
-def run(run_id: int, as_json: JsonOpt = False) -> None:
+def run(run_id: str, as_json: JsonOpt = False) -> None:
     """One run with per-epoch metrics and test results."""
     from scheduler.status import run_detail
 
-    d = run_detail(run_id)
+    d = run_detail(_parse_id(run_id, "run"))
     if as_json:
         _emit(d, True)
     else:

@@ -34,6 +34,9 @@ def _row_counts() -> tuple[int, int, int, int]:
         ["train", "--dataset", "x", "--epochs", "0"],
         ["job", "987654"],
         ["run", "987654"],
+        ["job", "abc"],
+        ["run", "1.5"],
+        ["job", "1' OR '1'='1"],
         ["shard", "--dataset", "no-such-name"],
     ],
 )

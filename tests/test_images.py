@@ -7,10 +7,14 @@ import zlib
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from shared.errors import InputError
 from shared.images import check_image, load_rgb
+
+FIXTURE_OK = [HealthCheck.function_scoped_fixture]  # tmp_path is reused; each case rewrites it
 
 
 def _png_header_only(path, width, height):
@@ -83,3 +87,30 @@ def test_a_truncated_png_is_refused(tmp_path):
 def test_a_missing_file_is_an_input_error(tmp_path):
     with pytest.raises(InputError, match="no such file"):
         load_rgb(tmp_path / "nope.png")
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=FIXTURE_OK)
+@given(st.binary(max_size=2048))
+def test_image_loader_fuzz_gives_input_error_or_an_rgb_image(tmp_path, blob):
+    p = tmp_path / "fuzz.png"
+    p.write_bytes(blob)
+    try:
+        im = load_rgb(p)
+    except InputError:
+        return
+    assert im.mode == "RGB"
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=FIXTURE_OK)
+@given(st.integers(min_value=0, max_value=10_000), st.integers(min_value=0, max_value=255))
+def test_a_corrupted_png_byte_gives_input_error_or_an_rgb_image(tmp_path, pos, value):
+    p = tmp_path / "flip.png"
+    Image.effect_noise((40, 20), 30).convert("RGB").save(p)
+    data = bytearray(p.read_bytes())
+    data[pos % len(data)] = value
+    p.write_bytes(bytes(data))
+    try:
+        im = load_rgb(p)
+    except InputError:
+        return
+    assert im.mode == "RGB"

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from shared.errors import SpecError
 from shared.spec import GenerateSpec, Split, TrainSpec, derive_seed, resolve_charset, validate
@@ -80,3 +82,35 @@ def test_train_spec_refuses_unknown_model_and_bad_numbers():
                 {"device": "tpu"}):
         with pytest.raises(SpecError):
             validate(TrainSpec, dataset="d4", **bad)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=40))
+def test_split_parser_fuzz_gives_spec_error_or_a_valid_split(text):
+    try:
+        split = Split.parse(text)
+    except SpecError:
+        return
+    assert abs(split.train + split.val + split.test - 1) < 1e-6
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    name=st.text(max_size=70),
+    count=st.integers(min_value=-10, max_value=10**9),
+    length=st.integers(min_value=-2, max_value=40),
+    charset=st.text(max_size=12),
+    width=st.integers(min_value=-5, max_value=5000),
+    shard_size=st.integers(min_value=-5, max_value=10**6),
+)
+def test_generate_spec_fuzz_gives_spec_error_or_a_consistent_spec(
+    name, count, length, charset, width, shard_size
+):
+    try:
+        spec = validate(GenerateSpec, name=name, count=count, length=length, charset=charset,
+                        width=width, shard_size=shard_size)
+    except SpecError as exc:
+        assert "\n" not in str(exc)  # one line
+        return
+    assert spec.shard_size <= spec.count and spec.length * 10 <= spec.width
+    assert len(set(spec.charset)) == len(spec.charset) and "/" not in spec.name

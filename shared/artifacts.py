@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import shutil
 import tempfile
 from collections.abc import Iterator
 from typing import BinaryIO
@@ -79,8 +78,8 @@ def iter_chunks(session: Session, sha256: str) -> Iterator[bytes]:
 
     Raises ArtifactError if the artifact is missing, has a missing chunk, or its bytes
     do not hash to ``sha256`` (tampered or corrupt). The error comes after the last
-    chunk: a caller that must not act on bad bytes uses :func:`read_verified` or
-    :func:`spool_verified`.
+    chunk: a caller that must not act on bad bytes before the check uses
+    :func:`read_verified`.
     """
     art = session.get(Artifact, sha256)
     if art is None:
@@ -108,26 +107,3 @@ def iter_chunks(session: Session, sha256: str) -> Iterator[bytes]:
 def read_verified(session: Session, sha256: str) -> bytes:
     """Return the whole artifact, only after its hash checked out. For small artifacts."""
     return b"".join(iter_chunks(session, sha256))
-
-
-def spool_verified(session: Session, sha256: str) -> BinaryIO:
-    """Return a rewound temporary file holding the verified artifact.
-
-    Large artifacts go to disk rather than memory; nothing is returned unless the
-    hash matched.
-    """
-    out = tempfile.SpooledTemporaryFile(max_size=64 * 1024 * 1024)  # noqa: SIM115 (returned)
-    try:
-        for chunk in iter_chunks(session, sha256):
-            out.write(chunk)
-    except BaseException:
-        out.close()
-        raise
-    out.seek(0)
-    return out  # type: ignore[return-value]
-
-
-def copy_to(session: Session, sha256: str, dest: BinaryIO) -> None:
-    """Write the verified artifact to ``dest``."""
-    with spool_verified(session, sha256) as src:
-        shutil.copyfileobj(src, dest)

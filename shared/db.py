@@ -10,10 +10,9 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event, inspect
+from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
@@ -115,12 +114,3 @@ def insert_for(session: Session) -> Any:
     return postgresql.insert if session.bind and session.bind.dialect.name == "postgresql" else (
         sqlite.insert
     )
-
-
-def table_names(engine: Engine) -> list[str]:
-    return sorted(inspect(engine).get_table_names())
-
-
-def sqlite_path(settings: Settings) -> Path | None:
-    url = settings.effective_database_url
-    return Path(url.split("///", 1)[1]) if url.startswith("sqlite:///") else None

@@ -18,7 +18,7 @@ from rich.progress import Progress
 from rich.table import Table
 from typer.core import TyperGroup
 
-from shared.errors import CaptrainError, ConfigError, InputError, NotFound
+from shared.errors import CaptrainError, ConfigError, InputError, NotFound, SpecError
 from shared.spec import GenerateSpec, Split, SplitSpec, TrainSpec, validate
 
 console = Console()
@@ -77,7 +77,7 @@ def _fmt(v: Any) -> str:
 def _parse_id(text: str, kind: str) -> int:
     # Ids are taken as text so that a malformed one gets the same one-line error as
     # an unknown one, not a usage screen.
-    if not text.isdigit() or len(text) > 18:
+    if not (text.isascii() and text.isdecimal()) or int(text) >= 2**31:
         raise NotFound(f"{kind} id {text!r} is not a positive number")
     return int(text)
 
@@ -147,7 +147,9 @@ def info(as_json: JsonOpt = False) -> None:
 @db_app.command("upgrade")
 def db_upgrade(revision: str = "head") -> None:
     """Apply the schema migrations."""
+    from alembic.util import CommandError
     from sqlalchemy import create_engine
+    from sqlalchemy.exc import SQLAlchemyError
 
     from shared import migrate
 
@@ -155,12 +157,8 @@ def db_upgrade(revision: str = "head") -> None:
     try:
         migrate.upgrade(engine, revision)
         console.print(f"database at {migrate.current_revision(engine)}")
-    except Exception as exc:  # alembic raises many kinds; this is the edge
-        from sqlalchemy.exc import SQLAlchemyError
-
-        if isinstance(exc, SQLAlchemyError):
-            raise ConfigError(f"cannot upgrade the database: {exc}") from exc
-        raise
+    except (SQLAlchemyError, CommandError) as exc:
+        raise ConfigError(f"cannot upgrade the database: {str(exc).splitlines()[0]}") from exc
     finally:
         engine.dispose()
 
@@ -169,12 +167,15 @@ def db_upgrade(revision: str = "head") -> None:
 def db_current() -> None:
     """Print the schema revision of the database."""
     from sqlalchemy import create_engine
+    from sqlalchemy.exc import SQLAlchemyError
 
     from shared import migrate
 
     engine = create_engine(_settings().effective_database_url)
     try:
         console.print(f"{migrate.current_revision(engine)} (head {migrate.head_revision()})")
+    except SQLAlchemyError as exc:
+        raise ConfigError(f"cannot read the database: {str(exc).splitlines()[0]}") from exc
     finally:
         engine.dispose()
 
@@ -281,7 +282,8 @@ def train(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")] = "auto",
     seed: Annotated[int, typer.Option(help="Seed of init and data order.")] = 0,
     scale: Annotated[float, typer.Option(help="Image scale the model sees.")] = 0.5,
-    time_limit: Annotated[int, typer.Option(help="Hard limit, seconds.")] = 24 * 3600,
+    time_limit: Annotated[int, typer.Option(
+        help="Hard limit, seconds; below CAPTRAIN_VISIBILITY_TIMEOUT.")] = 12 * 3600 - 600,
     wait: WaitOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -292,6 +294,12 @@ def train(
     spec = validate(TrainSpec, dataset=dataset, model=model, epochs=epochs,
                     batch_size=batch_size, lr=lr, device=device, seed=seed, scale=scale,
                     time_limit=time_limit)
+    vt = _settings().visibility_timeout
+    if spec.time_limit >= vt:
+        # Redis redelivers an unacked message after the visibility timeout: a task
+        # allowed to run longer would be delivered again while it runs.
+        raise SpecError(f"time limit {spec.time_limit} s must stay below "
+                        f"CAPTRAIN_VISIBILITY_TIMEOUT ({vt} s)")
     run_id, job_id = plan_train(spec)
     enqueue_train(run_id, job_id, spec.time_limit)
     if not as_json and not wait:
@@ -427,13 +435,16 @@ def workers(
     timeout: Annotated[float, typer.Option(help="Seconds to wait for replies.")] = 2.0,
 ) -> None:
     """List live workers and what they run (Celery inspect)."""
+    from kombu.exceptions import OperationalError as KombuOperationalError
+    from redis.exceptions import RedisError
+
     from shared.celery_app import app as celery_app
 
     insp = celery_app.control.inspect(timeout=timeout)
     try:
         queues = insp.active_queues() or {}
         active = insp.active() or {}
-    except OSError as exc:
+    except (KombuOperationalError, RedisError, OSError) as exc:
         raise ConfigError(f"broker unreachable: {exc}") from exc
     rows = [
         {"worker": w, "queues": ",".join(q["name"] for q in qs),

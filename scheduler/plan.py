@@ -108,7 +108,7 @@ def scan_import(folder: Path) -> ImportPlan:
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise InputError(f"{folder} holds no .png or .jpg images")
-    length = len(files[0].stem)
+    length = len(files[0].stem.split("_")[-1])
     size = None
     for path in files:
         label = path.stem.split("_")[-1]

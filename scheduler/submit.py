@@ -17,6 +17,7 @@ from sqlalchemy import select
 from shared.celery_app import GENERATE_SHARD, SPLIT_SHARD, TRAIN, app
 from shared.db import session_scope
 from shared.errors import BrokerUnavailable
+from shared.records import complete_if_done
 from shared.schema import DONE, PENDING, RUNNING, Job, Run, Shard
 
 SHARD_TASKS = {"generate": GENERATE_SHARD, "split": SPLIT_SHARD}
@@ -42,8 +43,9 @@ def enqueue_shards(kind: str, job_id: int, indices: Iterable[int]) -> int:
 
 
 def enqueue_train(run_id: int, job_id: int, time_limit: int) -> None:
-    """Send the train task with its hard limit from the spec, and a soft limit that
-    leaves a minute to checkpoint."""
+    """Send the train task with its hard limit from the spec, and a soft limit a
+    minute earlier: the task then fails cleanly, in Python, with its last epoch
+    checkpoint kept, instead of being killed."""
     soft = max(5, time_limit - 60)
     _send(
         lambda: app.send_task(
@@ -79,6 +81,10 @@ def reconcile() -> dict[str, int]:
                     runs.append((run.id, job_id, int(spec.get("time_limit", 86400))))
     sent = {"shards": 0, "runs": 0}
     for job_id, (kind, idx) in shard_work.items():
+        if not idx:
+            # Every shard done but the job not marked: its last worker died between
+            # the two commits.
+            complete_if_done(job_id)
         sent["shards"] += enqueue_shards(kind, job_id, idx)
     for run_id, job_id, limit in runs:
         enqueue_train(run_id, job_id, limit)

@@ -50,10 +50,11 @@ def get_shard(session: Session, job_id: int, index: int) -> Shard:
     return shard
 
 
-def start_shard(job_id: int, index: int, worker: str) -> bool:
+def start_shard(job_id: int, index: int, worker: str, count_attempt: bool = True) -> bool:
     """Record an attempt at a shard. Returns False if there is nothing to do: the
     shard is done, its job has ended, or it has used up its attempts (then the job
     is marked failed: a message that kills its worker each time must not loop).
+    A Celery retry after a transient error is not a new attempt (``count_attempt``).
     """
     with session_scope() as s:
         shard = get_shard(s, job_id, index)
@@ -63,9 +64,9 @@ def start_shard(job_id: int, index: int, worker: str) -> bool:
             return False
         attempts = shard.attempts
         if attempts < MAX_ATTEMPTS:
-            shard.attempts += 1
-            shard.worker = worker
-            shard.status = RUNNING
+            # Atomic increment: two deliveries at once must both be counted.
+            s.execute(update(Shard).where(Shard.id == shard.id).values(
+                attempts=Shard.attempts + int(count_attempt), worker=worker, status=RUNNING))
             if job.status == PENDING:
                 job.status = RUNNING
             return True
@@ -128,6 +129,13 @@ def acquire_run(run_id: int, owner: str) -> str:
             return "acquired" if got == 1 else "held"
     fail_job(job_id, f"training gave up after {attempts} attempts")
     return "exhausted"
+
+
+def release_run(run_id: int, owner: str) -> None:
+    """Give up the lease, if ``owner`` still holds it."""
+    with session_scope() as s:
+        s.execute(update(Run).where(Run.id == run_id, Run.lease_owner == owner)
+                  .values(lease_owner=None))
 
 
 def heartbeat(session: Session, run_id: int, owner: str) -> None:

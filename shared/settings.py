@@ -8,6 +8,7 @@ unix socket under ``CAPTRAIN_HOME``, and a SQLite file beside it.
 from __future__ import annotations
 
 import os
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -78,7 +79,7 @@ class Settings(BaseSettings):
         if v is None or v == "":
             return None
         scheme = urlsplit(v).scheme
-        if not (scheme.startswith("sqlite") or scheme.startswith("postgresql")):
+        if not (scheme.startswith("sqlite") or scheme.startswith("postgres")):
             raise ValueError(f"scheme {scheme!r} is not sqlite or postgresql")
         if scheme in {"postgresql", "postgres"}:
             # psycopg 3 is the driver we ship; SQLAlchemy's bare default is psycopg2.
@@ -123,11 +124,17 @@ class Settings(BaseSettings):
         return out
 
 
+_SECRET_PARAMS = re.compile(r"(?i)((?:^|&)(?:password|passwd|sslpassword)=)[^&]*")
+
+
 def redact_url(url: str) -> str:
-    """Return ``url`` with its password (if any) replaced by ``***``."""
+    """Return ``url`` with its password replaced by ``***``, in the user part and in
+    query parameters (``?password=``) alike."""
     parts = urlsplit(url)
+    if parts.query:
+        parts = parts._replace(query=_SECRET_PARAMS.sub(r"\1***", parts.query))
     if parts.password is None:
-        return url
+        return urlunsplit(parts)
     user = parts.username or ""
     host = parts.hostname or ""
     if ":" in host:

@@ -156,7 +156,9 @@ class TrainSpec(_Spec):
     # The model sees the image scaled by this factor: 160x60 becomes 80x30, which
     # reads 4 digits as well and trains four times faster on a CPU.
     scale: float = Field(0.5, gt=0.05, le=1.0)
-    time_limit: int = Field(24 * 3600, ge=10, le=30 * 24 * 3600, description="seconds")
+    # Hard limit in seconds; it must stay below CAPTRAIN_VISIBILITY_TIMEOUT (12 h by
+    # default), or Redis would redeliver the message while the task still runs.
+    time_limit: int = Field(12 * 3600 - 600, ge=10, le=30 * 24 * 3600, description="seconds")
 
 
 def validate(cls: type[S], **values: object) -> S:

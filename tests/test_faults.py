@@ -331,3 +331,17 @@ def test_a_train_message_delivered_twice_at_once_trains_once(backend, start_work
     stood_down = logs.count("not training here")
     print(f"\ntrain message delivered twice: attempts={attempts} stood_down={stood_down}")
     assert attempts == 1 and stood_down == 1
+
+
+@PG
+def test_reconcile_finishes_a_job_whose_last_worker_died_between_commits(backend):
+    job_id = _generate("between", 100, 50)  # no worker: messages wait in Redis
+    with session_scope() as s:
+        # Every shard committed done, but the worker died before marking the job.
+        s.execute(update(Shard).where(Shard.job_id == job_id).values(status="done"))
+    assert _ok(["job", str(job_id)])["status"] == "pending"
+    sent = _ok(["reconcile"])
+    assert sent["shards"] == 0
+    assert _ok(["job", str(job_id)])["status"] == "done"
+    datasets = {d["name"]: d["status"] for d in _ok(["datasets"])}
+    assert datasets["between"] == "ready"

@@ -58,5 +58,15 @@ def test_passwords_are_redacted_everywhere_settings_are_shown(monkeypatch):
     assert "bob:***@db:5432" in shown
 
 
+def test_query_string_passwords_are_redacted_too():
+    shown = redact_url("postgresql://u@db/ct?sslmode=require&password=hunter2")
+    assert "hunter2" not in shown and "password=***" in shown and "sslmode=require" in shown
+
+
+def test_postgres_scheme_is_accepted_and_gets_the_driver(monkeypatch):
+    monkeypatch.setenv("CAPTRAIN_DATABASE_URL", "postgres://u@db/ct")
+    assert load_settings().database_url == "postgresql+psycopg://u@db/ct"
+
+
 def test_redact_leaves_urls_without_password_alone():
     assert redact_url("redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"

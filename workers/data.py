@@ -111,9 +111,10 @@ class ShardLoader:
     def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Yield (uint8 images, labels) batches for ``epoch``."""
         order = list(self.shards)
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        epoch_seed = (self.seed * 1_000_003 + epoch) % 2**63  # torch takes 64 bits
+        gen = torch.Generator().manual_seed(epoch_seed)
         if self.shuffle:
-            random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+            random.Random(epoch_seed).shuffle(order)
         for g in range(0, len(order), self.mix):
             parts = [self._load(sha) for sha in order[g : g + self.mix]]
             x = torch.cat([p[0] for p in parts])

@@ -29,6 +29,7 @@ from shared.records import (
     finish_shard,
     get_shard,
     heartbeat,
+    release_run,
     start_shard,
     upsert_metrics,
 )
@@ -57,12 +58,15 @@ def _store_shard(job_id: int, index: int, data: bytes, worker: str) -> str:
     return sha
 
 
-def generate_shard(job_id: int, index: int, worker: str) -> str | None:
+def generate_shard(job_id: int, index: int, worker: str, retry: int = 0) -> str | None:
     """Render shard ``index`` of a generate job and store it. Returns its sha256, or
     None if there was nothing to do (already done, or the job ended)."""
     from workers.synth import render_items  # captcha is a worker-only dependency
 
-    if not start_shard(job_id, index, worker):
+    if not start_shard(job_id, index, worker, count_attempt=retry == 0):
+        # Done already (perhaps by a run killed before it could finish the job):
+        # completion is idempotent, so check it again.
+        complete_if_done(job_id)
         return None
     job, shard, _ = _load_shard_context(job_id, index)
     spec = GenerateSpec(**job.spec)
@@ -84,9 +88,10 @@ def split_permutation(n: int, seed: int) -> list[int]:
     return order
 
 
-def split_shard(job_id: int, index: int, worker: str) -> str | None:
+def split_shard(job_id: int, index: int, worker: str, retry: int = 0) -> str | None:
     """Build output shard ``index`` of a split job from the dataset's source shards."""
-    if not start_shard(job_id, index, worker):
+    if not start_shard(job_id, index, worker, count_attempt=retry == 0):
+        complete_if_done(job_id)
         return None
     job, shard, dataset = _load_shard_context(job_id, index)
     spec = SplitSpec(**job.spec)
@@ -138,12 +143,31 @@ def _shards_by_split(dataset: Dataset) -> dict[str, list[tuple[str, int]]]:
     return out
 
 
+HELD = {"held": True}  # train_run's answer when another live process holds the run
+
+
 def train_run(run_id: int, worker: str, progress: Any = None) -> dict[str, Any] | None:
     """Train run ``run_id``, resuming from its last checkpoint; store the model.
 
     Returns the test metrics, or None if the run was already done. ``progress``, if
     given, is called as ``progress(epoch, done_items, total_items, metrics)``.
+    Returns ``HELD`` if another live process holds the run's lease.
     """
+    owner = f"{socket.gethostname()}:{os.getpid()}"
+    lease = acquire_run(run_id, owner)
+    if lease != "acquired":
+        log.warning("run %s: not training here (%s)", run_id, lease)
+        return HELD if lease == "held" else None
+    try:
+        return _train_leased(run_id, owner, worker, progress)
+    except BaseException:
+        # Let a redelivery (on this host or another) take over without waiting for
+        # the lease to go stale. A SIGKILL skips this; staleness covers it.
+        release_run(run_id, owner)
+        raise
+
+
+def _train_leased(run_id: int, owner: str, worker: str, progress: Any) -> dict[str, Any] | None:
     import safetensors.torch
 
     from workers import checkpoint
@@ -151,11 +175,6 @@ def train_run(run_id: int, worker: str, progress: Any = None) -> dict[str, Any] 
     from workers.models import ModelConfig
     from workers.train import fit, pick_device
 
-    owner = f"{socket.gethostname()}:{os.getpid()}"
-    lease = acquire_run(run_id, owner)
-    if lease != "acquired":
-        log.warning("run %s: not training here (%s)", run_id, lease)
-        return None
     with session_scope() as s:
         run = s.get(Run, run_id)
         assert run is not None

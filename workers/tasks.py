@@ -16,7 +16,7 @@ from celery.utils.log import get_task_logger
 
 from shared.celery_app import GENERATE_SHARD, PING, SPLIT_SHARD, TRAIN, app
 from shared.errors import NotFound, TransientError
-from shared.records import fail_job
+from shared.records import LEASE_STALE_SECONDS, LeaseLost, fail_job
 from shared.settings import get_settings
 from workers import jobs
 
@@ -31,6 +31,10 @@ def _run(task: Task, job_id: int, index: int | None, work: Callable[[], Any]) ->
         # A message naming rows this database does not have (a stale queue after a
         # database reset): nothing to record it against, so drop it loudly.
         log.error("dropping task for job %s: %s", job_id, exc)
+        return None
+    except LeaseLost as exc:
+        # Another process owns the run now and will finish it: not a failure.
+        log.warning("job %s: %s", job_id, exc)
         return None
     except TransientError as exc:
         if task.request.retries >= get_settings().task_max_retries:
@@ -47,21 +51,29 @@ def _run(task: Task, job_id: int, index: int | None, work: Callable[[], Any]) ->
 def generate_shard(self: Task, job_id: int, index: int) -> str | None:
     """Render and store shard ``index`` of generate job ``job_id``."""
     return _run(self, job_id, index,
-                lambda: jobs.generate_shard(job_id, index, f"{self.request.hostname or HOST}"))
+                lambda: jobs.generate_shard(job_id, index, self.request.hostname or HOST,
+                                           self.request.retries))
 
 
 @app.task(name=SPLIT_SHARD, bind=True)
 def split_shard(self: Task, job_id: int, index: int) -> str | None:
     """Build output shard ``index`` of split job ``job_id``."""
     return _run(self, job_id, index,
-                lambda: jobs.split_shard(job_id, index, f"{self.request.hostname or HOST}"))
+                lambda: jobs.split_shard(job_id, index, self.request.hostname or HOST,
+                                        self.request.retries))
 
 
 @app.task(name=TRAIN, bind=True)
 def train(self: Task, run_id: int, job_id: int) -> dict[str, Any] | None:
     """Train run ``run_id`` (of job ``job_id``), resuming from its last checkpoint."""
-    return _run(self, job_id, None,
-                lambda: jobs.train_run(run_id, f"{self.request.hostname or HOST}"))
+    result = _run(self, job_id, None,
+                  lambda: jobs.train_run(run_id, f"{self.request.hostname or HOST}"))
+    if result is jobs.HELD:
+        # A live process trains this run. Look again once its lease could have gone
+        # stale: if that process died on another host, this copy takes over; if the
+        # run finished, this copy ends as a no-op.
+        raise self.retry(countdown=LEASE_STALE_SECONDS + 20, max_retries=None)
+    return result
 
 
 @app.task(name=PING)

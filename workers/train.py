@@ -79,7 +79,8 @@ def train_one_epoch(
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, loader: Batches, device: torch.device, cfg: ModelConfig
+    model: nn.Module, loader: Batches, device: torch.device, cfg: ModelConfig,
+    on_batch: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
     """Loss, per-character, per-position and whole-sequence accuracy over ``loader``."""
     model.eval()
@@ -96,6 +97,8 @@ def evaluate(
         loss_sum += _loss(logits, y).item() * len(y)
         pos_ok += hit.float().sum(0)
         seq_ok += int(hit.all(1).sum())
+        if on_batch is not None:
+            on_batch(len(y))
     n = max(total, 1)
     per_pos = (pos_ok / n).tolist()
     return {
@@ -139,7 +142,10 @@ def fit(
     torch.manual_seed(seed)
     model = build_model(cfg).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
-    steps_per_epoch = max(1, math.ceil(train_count / batch_size))
+    # The loader batches within groups of shards, so each group may end on a partial
+    # batch: count one extra step per group, or OneCycleLR would run out of steps.
+    groups = math.ceil(len(getattr(train, "shards", [None])) / getattr(train, "mix", 1))
+    steps_per_epoch = max(1, math.ceil(train_count / batch_size) + groups)
     sched = torch.optim.lr_scheduler.OneCycleLR(
         opt, max_lr=lr, total_steps=epochs * steps_per_epoch, pct_start=0.2
     )
@@ -152,7 +158,7 @@ def fit(
         start = int(resume["epoch"])
     for epoch in range(start, epochs):
         tr = train_one_epoch(model, train.epoch(epoch), opt, sched, device, cfg, on_batch)
-        va = evaluate(model, val.epoch(0), device, cfg)
+        va = evaluate(model, val.epoch(0), device, cfg, on_batch)
         ckpt = {
             "model": model.state_dict(),
             "optimizer": opt.state_dict(),
@@ -162,5 +168,5 @@ def fit(
             "config": cfg.to_dict(),
         }
         on_epoch(epoch + 1, tr, va, ckpt)
-    result = evaluate(model, test.epoch(0), device, cfg)
+    result = evaluate(model, test.epoch(0), device, cfg, on_batch)
     return FitResult(model=model, test=result, resumed_from=start if resume else None)

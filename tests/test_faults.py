@@ -345,3 +345,35 @@ def test_reconcile_finishes_a_job_whose_last_worker_died_between_commits(backend
     assert _ok(["job", str(job_id)])["status"] == "done"
     datasets = {d["name"]: d["status"] for d in _ok(["datasets"])}
     assert datasets["between"] == "ready"
+
+
+@PG
+def test_sigterm_checkpoints_training_mid_epoch_and_requeues_it(backend, start_worker):
+    worker = start_worker(backend, queues="cpu,gpu", concurrency=1)
+    gen = _generate("sigterm", 2000, 250)
+    wait_for(lambda: _ok(["job", str(gen)])["status"] == "done", 120, what="dataset")
+    out = _ok(["train", "--dataset", "sigterm", "--epochs", "6", "--batch-size", "32"])
+    with session_scope() as s:
+        run_id = s.execute(select(Run.id).where(Run.job_id == out["job"])).scalar_one()
+
+    def run_row() -> Run:
+        with session_scope() as s:
+            return s.get(Run, run_id)
+
+    wait_for(lambda: run_row().epochs_done >= 1, 180, what="one epoch")
+    time.sleep(0.5)  # into the next epoch
+    t0 = time.monotonic()
+    worker.proc.send_signal(signal.SIGTERM)  # warm shutdown of the worker
+    worker.proc.wait(60)
+    stopped_in = time.monotonic() - t0
+    log = worker.log.read_text()
+    assert "checkpoint at epoch" in log and "requeued" in log
+    row = run_row()
+    assert row.status == "running" and row.error is None  # not failed: it waits in Redis
+    start_worker(backend, queues="cpu,gpu", concurrency=1)
+    wait_for(lambda: run_row().status == "done", 300, what="run done")
+    run = _ok(["run", str(run_id)])
+    print(f"\nSIGTERM during training: worker exited in {stopped_in:.1f}s after a "
+          f"mid-epoch checkpoint; run resumed at epoch {run['resumed_from']} and finished")
+    assert run["resumed_from"] is not None and run["resumed_from"] >= 1
+    assert [e["epoch"] for e in run["per_epoch"]] == list(range(1, 7))

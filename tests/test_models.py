@@ -78,3 +78,29 @@ def test_resuming_from_a_checkpoint_matches_an_uninterrupted_run():
     assert resumed.resumed_from == 2
     for k, v in full.model.state_dict().items():
         assert torch.allclose(v, resumed.model.state_dict()[k], atol=1e-6), k
+
+
+def test_a_run_stopped_mid_epoch_resumes_at_that_batch_with_the_same_result():
+    from workers.shutdown import StopRequested
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(0, 256, (96, 1, 30, 80), dtype=torch.uint8, generator=g)
+    y = torch.randint(0, 10, (96, 4), generator=g)
+    loader = _Loader(x, y)
+    kw = dict(train=loader, val=loader, test=loader, train_count=96, epochs=2,
+              batch_size=16, lr=1e-3, seed=2, device=torch.device("cpu"))
+    full = fit(CFG, on_epoch=lambda *a: None, **kw)
+    asked = {"n": 0}
+
+    def stop_after_8_batches() -> bool:
+        asked["n"] += 1
+        return asked["n"] > 8  # epoch 1 has 6 batches: stop inside epoch 2
+
+    saved: list[dict] = []
+    with pytest.raises(StopRequested):
+        fit(CFG, on_epoch=lambda *a: None, should_stop=stop_after_8_batches,
+            on_interrupt=lambda c: saved.append(checkpoint.loads(checkpoint.dumps(c))), **kw)
+    assert (saved[0]["epoch"], saved[0]["batch"]) == (1, 2)
+    resumed = fit(CFG, resume=saved[0], on_epoch=lambda *a: None, **kw)
+    for k, v in full.model.state_dict().items():
+        assert torch.allclose(v, resumed.model.state_dict()[k], atol=1e-6), k

@@ -16,6 +16,7 @@ import time
 from collections import defaultdict
 from typing import Any
 
+from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy import select
 
 from shared import shardfmt
@@ -35,6 +36,7 @@ from shared.records import (
 )
 from shared.schema import DONE, READY, RUNNING, Dataset, Job, Model, Run, Shard, utcnow
 from shared.spec import GenerateSpec, SplitSpec, TrainSpec
+from workers.shutdown import stop_requested
 
 log = logging.getLogger(__name__)
 
@@ -224,6 +226,18 @@ def _train_leased(run_id: int, owner: str, worker: str, progress: Any) -> dict[s
         if progress is not None:
             progress(epoch, epoch * train_count, spec.epochs * train_count, va)
 
+    def on_interrupt(ckpt: dict) -> None:
+        # Mid-epoch: keep the position so that the next delivery resumes right here.
+        blob = checkpoint.dumps(ckpt)
+        with session_scope() as s:
+            heartbeat(s, run_id, owner)
+            sha = put_bytes(s, blob, checkpoint.MEDIA_TYPE)
+            r = s.get(Run, run_id)
+            assert r is not None
+            r.checkpoint_sha256 = sha
+        log.warning("run %s: checkpoint at epoch %d batch %d before stopping", run_id,
+                    ckpt["epoch"] + 1, ckpt["batch"])
+
     last_beat = time.monotonic()
 
     def on_batch(_n: int) -> None:
@@ -237,6 +251,8 @@ def _train_leased(run_id: int, owner: str, worker: str, progress: Any) -> dict[s
         cfg, train=loader("train", True), val=loader("val", False), test=loader("test", False),
         train_count=train_count, epochs=spec.epochs, batch_size=spec.batch_size, lr=spec.lr,
         seed=spec.seed, device=device, resume=resume, on_epoch=on_epoch, on_batch=on_batch,
+        should_stop=stop_requested, on_interrupt=on_interrupt,
+        interrupts=(SoftTimeLimitExceeded,),
     )
     weights = safetensors.torch.save(
         {k: v.detach().cpu().contiguous() for k, v in result.model.state_dict().items()},

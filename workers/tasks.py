@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from celery import Task
+from celery.exceptions import Reject, SoftTimeLimitExceeded
 from celery.utils.log import get_task_logger
 
 from shared.celery_app import GENERATE_SHARD, PING, SPLIT_SHARD, TRAIN, app
@@ -19,6 +20,7 @@ from shared.errors import NotFound, TransientError
 from shared.records import LEASE_STALE_SECONDS, LeaseLost, fail_job
 from shared.settings import get_settings
 from workers import jobs
+from workers.shutdown import StopRequested
 
 log = get_task_logger(__name__)
 HOST = socket.gethostname()
@@ -32,6 +34,13 @@ def _run(task: Task, job_id: int, index: int | None, work: Callable[[], Any]) ->
         # database reset): nothing to record it against, so drop it loudly.
         log.error("dropping task for job %s: %s", job_id, exc)
         return None
+    except StopRequested as exc:
+        # The worker is shutting down and the run checkpointed: back to the queue.
+        log.warning("job %s: %s; requeued", job_id, exc)
+        raise Reject(str(exc), requeue=True) from exc
+    except SoftTimeLimitExceeded as exc:
+        fail_job(job_id, "time limit reached; the last checkpoint is kept for a retry")
+        raise exc
     except LeaseLost as exc:
         # Another process owns the run now and will finish it: not a failure.
         log.warning("job %s: %s", job_id, exc)

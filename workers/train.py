@@ -8,8 +8,9 @@ a resume run through the same code; a resume only loads state first.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from itertools import islice
 from typing import Any
 
 import torch
@@ -19,8 +20,10 @@ from torch import nn
 from shared.errors import ConfigError
 from workers.data import normalize
 from workers.models import ModelConfig, build_model
+from workers.shutdown import StopRequested
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
+
 
 
 def pick_device(want: str = "auto") -> torch.device:
@@ -132,13 +135,21 @@ def fit(
     resume: dict[str, Any] | None = None,
     on_epoch: Callable[[int, dict[str, float], dict[str, float], dict[str, Any]], None],
     on_batch: Callable[[int], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    on_interrupt: Callable[[dict[str, Any]], None] | None = None,
+    interrupts: tuple[type[BaseException], ...] = (),
 ) -> FitResult:
-    """Train for ``epochs`` (from the checkpoint's epoch when resuming), then test.
+    """Train for ``epochs`` (from the checkpoint's position when resuming), then test.
 
-    ``train``/``val``/``test`` have an ``epoch(e)`` method yielding batches.
-    ``on_epoch(epoch, train_metrics, val_metrics, checkpoint)`` persists each epoch;
-    the checkpoint is a plain dict that ``resume`` accepts back.
+    ``train``/``val``/``test`` have an ``epoch(e)`` method yielding batches in an
+    order fixed by (seed, epoch). ``on_epoch(epoch, train_metrics, val_metrics,
+    checkpoint)`` persists each epoch; the checkpoint is a plain dict that ``resume``
+    accepts back. When ``should_stop()`` turns true between batches, or one of
+    ``interrupts`` (a soft time limit) is raised mid-epoch, ``on_interrupt`` gets a
+    checkpoint of the position reached (epoch, batch) before the exception leaves;
+    StopRequested is raised for ``should_stop``.
     """
+
     torch.manual_seed(seed)
     model = build_model(cfg).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
@@ -149,24 +160,44 @@ def fit(
     sched = torch.optim.lr_scheduler.OneCycleLR(
         opt, max_lr=lr, total_steps=epochs * steps_per_epoch, pct_start=0.2
     )
-    start = 0
+    start, skip = 0, 0
     if resume is not None:
         model.load_state_dict(resume["model"])
         opt.load_state_dict(resume["optimizer"])
         sched.load_state_dict(resume["scheduler"])
         torch.set_rng_state(resume["rng"])
-        start = int(resume["epoch"])
-    for epoch in range(start, epochs):
-        tr = train_one_epoch(model, train.epoch(epoch), opt, sched, device, cfg, on_batch)
-        va = evaluate(model, val.epoch(0), device, cfg, on_batch)
-        ckpt = {
+        start, skip = int(resume["epoch"]), int(resume.get("batch", 0))
+
+    def checkpoint(epochs_done: int, batch: int) -> dict[str, Any]:
+        return {
             "model": model.state_dict(),
             "optimizer": opt.state_dict(),
             "scheduler": sched.state_dict(),
-            "epoch": epoch + 1,
+            "epoch": epochs_done,
+            "batch": batch,  # batches of the next epoch already trained
             "rng": torch.get_rng_state(),
             "config": cfg.to_dict(),
         }
-        on_epoch(epoch + 1, tr, va, ckpt)
+
+    for epoch in range(start, epochs):
+        done = [skip if epoch == start else 0]
+
+        def batches(epoch: int = epoch, done: list[int] = done) -> Iterator[Any]:
+            # Asking for batch k+1 means batch k is fully trained: count it, then
+            # check for a stop before starting the next one.
+            for item in islice(train.epoch(epoch), done[0], None):
+                if should_stop is not None and should_stop():
+                    raise StopRequested(f"stopped at epoch {epoch + 1}, batch {done[0]}")
+                yield item
+                done[0] += 1
+
+        try:
+            tr = train_one_epoch(model, batches(), opt, sched, device, cfg, on_batch)
+        except BaseException as exc:
+            if on_interrupt is not None and isinstance(exc, (StopRequested, *interrupts)):
+                on_interrupt(checkpoint(epoch, done[0]))
+            raise
+        va = evaluate(model, val.epoch(0), device, cfg, on_batch)
+        on_epoch(epoch + 1, tr, va, checkpoint(epoch + 1, 0))
     result = evaluate(model, test.epoch(0), device, cfg, on_batch)
     return FitResult(model=model, test=result, resumed_from=start if resume else None)

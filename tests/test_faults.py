@@ -265,18 +265,45 @@ def test_a_pickle_message_is_refused_by_the_worker(backend, start_worker, tmp_pa
     print("\npickle message: refused (ContentDisallowed), payload not run")
 
 
-def test_a_password_protected_redis_works_through_the_broker_url(tmp_path, start_worker):
+def _tls_files(tmp_path):
+    """A throw-away CA and a server certificate for 127.0.0.1, made with openssl."""
+    def run(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out",
+        "ca.crt", "-days", "2", "-subj", "/CN=captrain-test-ca")
+    run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out",
+        "server.csr", "-subj", "/CN=127.0.0.1")
+    (tmp_path / "ext.cnf").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    run("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+        "-CAcreateserial", "-out", "server.crt", "-days", "2", "-extfile", "ext.cnf")
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["password", "tls+password"])
+def test_an_authenticated_redis_works_through_the_broker_url(tmp_path, start_worker, tls):
+    import shutil
     import sys
 
     from conftest import ROOT
 
-    port = 16390 + os.getpid() % 500
-    server = subprocess.Popen(
-        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--requirepass",
-         "s3cret-pw", "--save", "", "--appendonly", "no"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
+    if tls and shutil.which("openssl") is None:
+        pytest.skip("openssl is needed to make a test certificate")
+    port = 16390 + os.getpid() % 500 + (500 if tls else 0)
+    argv = ["redis-server", "--bind", "127.0.0.1", "--requirepass", "s3cret-pw",
+            "--save", "", "--appendonly", "no"]
+    if tls:
+        _tls_files(tmp_path)
+        argv += ["--port", "0", "--tls-port", str(port), "--tls-auth-clients", "no",
+                 "--tls-cert-file", str(tmp_path / "server.crt"),
+                 "--tls-key-file", str(tmp_path / "server.key"),
+                 "--tls-ca-cert-file", str(tmp_path / "ca.crt")]
+        url = (f"rediss://:s3cret-pw@127.0.0.1:{port}/0?ssl_cert_reqs=required"
+               f"&ssl_ca_certs={tmp_path / 'ca.crt'}")
+    else:
+        argv += ["--port", str(port)]
         url = f"redis://:s3cret-pw@127.0.0.1:{port}/0"
+    server = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
         wait_for(lambda: _ping(url), 10, what="redis with password")
         env = {"CAPTRAIN_HOME": str(tmp_path / "home"), "CAPTRAIN_BROKER_URL": url,
                "CAPTRAIN_DATABASE_URL": f"sqlite:///{tmp_path / 'pw.db'}"}
@@ -296,8 +323,11 @@ def test_a_password_protected_redis_works_through_the_broker_url(tmp_path, start
         assert job["status"] == "done"
         shown = json.dumps(job["settings"]) + cli("info") + cli("job", str(job["id"]))
         assert "s3cret-pw" not in shown
-        wrong = url.replace("s3cret-pw", "wrong")
-        assert not _ping(wrong)
+        assert not _ping(url.replace("s3cret-pw", "wrong"))
+        if tls:
+            # Plain TCP to the TLS port does not get in.
+            assert not _ping(url.replace("rediss://", "redis://").split("?")[0])
+        print(f"\n{'TLS + ' if tls else ''}password Redis: job done, password redacted")
     finally:
         server.terminate()
         server.wait()
@@ -377,3 +407,79 @@ def test_sigterm_checkpoints_training_mid_epoch_and_requeues_it(backend, start_w
           f"mid-epoch checkpoint; run resumed at epoch {run['resumed_from']} and finished")
     assert run["resumed_from"] is not None and run["resumed_from"] >= 1
     assert [e["epoch"] for e in run["per_epoch"]] == list(range(1, 7))
+
+
+@PG
+def test_postgres_connections_dropped_mid_task_retry_and_leave_no_partial_rows(
+        backend, start_worker):
+    from sqlalchemy import create_engine, text
+
+    worker = start_worker(backend, queues="cpu", concurrency=2)
+    job_id = _generate("pg-drop", 2400, 100)
+    admin = create_engine(backend["CAPTRAIN_DATABASE_URL"])
+    killed = 0
+    with admin.connect() as conn:
+        deadline = time.monotonic() + 6
+        while time.monotonic() < deadline and _done(job_id) < len(_shards(job_id)):
+            # Every other session on the database: the workers' (and this test's
+            # pooled ones, which pool_pre_ping replaces).
+            killed += conn.execute(text(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )).scalar_one()
+            conn.commit()
+            time.sleep(0.3)
+    admin.dispose()
+    wait_for(lambda: all(sh.status == "done" for sh in _shards(job_id)), 240,
+             what="all shards done")
+    with session_scope() as s:
+        # No half-written artifact: every artifact's chunks add up to its size.
+        bad = s.execute(
+            select(Artifact.sha256)
+            .outerjoin(ArtifactChunk, ArtifactChunk.sha256 == Artifact.sha256)
+            .group_by(Artifact.sha256, Artifact.size, Artifact.chunks)
+            .having((func.count(ArtifactChunk.seq) != Artifact.chunks)
+                    | (func.coalesce(func.sum(func.length(ArtifactChunk.data)), 0)
+                       != Artifact.size))
+        ).all()
+    retries = worker.log.read_text().count("Retry in")
+    print(f"\nPostgreSQL backends terminated: {killed}; task retries: {retries}; "
+          f"partial artifacts: {len(bad)}")
+    assert killed > 0 and bad == []
+    _check_complete(job_id, 2400, "PostgreSQL connections dropped mid-job")
+
+
+@PG
+def test_ten_thousand_small_tasks_are_drained_by_two_workers_with_none_lost(
+        backend, start_worker):
+    import threading
+
+    from shared.celery_app import PING, app
+
+    n = 10_000
+    succeeded: set[str] = set()
+    ready = threading.Event()
+
+    def listen() -> None:
+        with app.connection() as conn:
+            recv = app.events.Receiver(conn, handlers={
+                "task-succeeded": lambda ev: succeeded.add(ev["uuid"]),
+                "worker-heartbeat": lambda ev: ready.set()})
+            recv.capture(limit=None, timeout=None, wakeup=True)
+
+    threading.Thread(target=listen, daemon=True).start()
+    start_worker(backend, queues="cpu", concurrency=1)
+    start_worker(backend, queues="cpu", concurrency=1)
+    ready.wait(10)
+    ids = []
+    t0 = time.monotonic()
+    with app.producer_or_acquire() as producer:
+        for _ in range(n):
+            ids.append(app.send_task(PING, producer=producer).id)
+    sent_s = time.monotonic() - t0
+    wait_for(lambda: len(succeeded) >= n, 180, interval=0.5, what="all tasks")
+    drain_s = time.monotonic() - t0
+    lost = len(set(ids) - succeeded)
+    print(f"\n{n} tasks: sent in {sent_s:.1f}s, drained by 2 workers in {drain_s:.1f}s "
+          f"({n / drain_s:.0f} tasks/s), lost {lost}")
+    assert lost == 0

@@ -201,6 +201,36 @@ def worker(
     os.execv(argv[0], argv)
 
 
+@app.command()
+def flower(
+    port: Annotated[int, typer.Option(help="HTTP port.")] = 5555,
+    address: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
+    basic_auth: Annotated[str | None, typer.Option(
+        help="user:password; better set CAPTRAIN_FLOWER_BASIC_AUTH, which no `ps` shows."
+    )] = None,
+) -> None:
+    """Run Flower for the captrain app: workers, tasks and progress, live."""
+    import ipaddress
+
+    auth = basic_auth or _settings().flower_basic_auth
+    try:
+        loopback = address == "localhost" or ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback and not auth:
+        raise ConfigError(f"Flower would be open to the network on {address}: set "
+                          "CAPTRAIN_FLOWER_BASIC_AUTH=user:password (or bind 127.0.0.1)")
+    if auth is not None and (":" not in auth or auth.startswith(":")):
+        raise ConfigError("Flower basic auth must be user:password")
+    env = dict(os.environ)
+    if auth:
+        env["FLOWER_BASIC_AUTH"] = auth  # through the environment, not argv
+    argv = [sys.executable, "-m", "celery", "-A", "shared.celery_app", "flower",
+            f"--port={port}", f"--address={address}"]
+    sys.stdout.flush()
+    os.execve(argv[0], argv, env)
+
+
 # --- jobs -------------------------------------------------------------------------
 
 @app.command()
@@ -347,15 +377,27 @@ def watch(job_id: str) -> None:
 
 
 @app.command("reconcile")
-def reconcile_cmd(as_json: JsonOpt = False) -> None:
+def reconcile_cmd(
+    as_json: JsonOpt = False,
+    every: Annotated[float | None, typer.Option(
+        help="Repeat every this many seconds (for a service); Ctrl-C stops.")] = None,
+) -> None:
     """Re-send the messages of unfinished jobs from SQL (after a broker restart)."""
+    import time
+
     from scheduler.submit import reconcile
 
-    sent = reconcile()
-    if as_json:
-        _emit(sent, True)
-    else:
-        console.print(f"re-sent {sent['shards']} shard tasks and {sent['runs']} runs")
+    if every is not None and every < 10:
+        raise SpecError("--every must be at least 10 seconds")
+    while True:
+        sent = reconcile()
+        if as_json:
+            _emit(sent, True)
+        else:
+            console.print(f"re-sent {sent['shards']} shard tasks and {sent['runs']} runs")
+        if every is None:
+            return
+        time.sleep(every)
 
 
 # --- status -----------------------------------------------------------------------

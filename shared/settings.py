@@ -21,6 +21,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from shared.errors import ConfigError
 
 PREFIX = "CAPTRAIN_"
+SECRET_FIELDS = {"flower_basic_auth"}
 
 
 def _default_home() -> Path:
@@ -62,6 +63,11 @@ class Settings(BaseSettings):
         default=5, ge=0, le=100, description="Retries of a task on a transient error (count)."
     )
     log_level: str = Field(default="INFO", description="Worker log level (DEBUG, INFO, ...).")
+    flower_basic_auth: str | None = Field(
+        default=None,
+        description="user:password that `captrain flower` requires; needed to bind "
+        "Flower beyond loopback. A secret: shown as ***.",
+    )
 
     @field_validator("broker_url")
     @classmethod
@@ -117,6 +123,8 @@ class Settings(BaseSettings):
         for name in type(self).model_fields:
             value = getattr(self, name)
             out[name] = redact_url(value) if name.endswith("_url") and value else value
+            if name in SECRET_FIELDS and value:
+                out[name] = "***"
             if isinstance(value, Path):
                 out[name] = str(value)
         out["effective_broker_url"] = redact_url(self.effective_broker_url)

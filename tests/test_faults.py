@@ -483,3 +483,27 @@ def test_ten_thousand_small_tasks_are_drained_by_two_workers_with_none_lost(
     print(f"\n{n} tasks: sent in {sent_s:.1f}s, drained by 2 workers in {drain_s:.1f}s "
           f"({n / drain_s:.0f} tasks/s), lost {lost}")
     assert lost == 0
+
+
+@PG
+def test_a_soft_time_limit_checkpoints_training_before_it_stops(backend, start_worker):
+    from workers import checkpoint as ckpt_codec
+
+    start_worker(backend, queues="cpu,gpu", concurrency=2)
+    gen = _generate("soft-limit", 6000, 500)
+    wait_for(lambda: _ok(["job", str(gen)])["status"] == "done", 180, what="dataset")
+    # Hard limit 15 s from the spec; the soft limit comes a minute earlier, at its
+    # 5 s floor: well inside the first epoch of 4,800 images.
+    out = _ok(["train", "--dataset", "soft-limit", "--epochs", "4", "--time-limit", "15"])
+    wait_for(lambda: _ok(["job", str(out["job"])])["status"] == "failed", 120,
+             what="the run to stop")
+    with session_scope() as s:
+        run = s.execute(select(Run).where(Run.job_id == out["job"])).scalar_one()
+        from shared.artifacts import read_verified
+
+        assert run.checkpoint_sha256 is not None
+        state = ckpt_codec.loads(read_verified(s, run.checkpoint_sha256))
+    print(f"\nsoft time limit: run {run.status} ({run.error}); checkpoint at epoch "
+          f"{state['epoch'] + 1} batch {state['batch']}")
+    assert "time limit" in (run.error or "")
+    assert state["epoch"] * 1000 + state["batch"] > 0

@@ -6,6 +6,7 @@ SQLite) unless CAPTRAIN_BROKER_URL / CAPTRAIN_DATABASE_URL are set.
 
 from __future__ import annotations
 
+import atexit
 import os
 import platform
 import tempfile
@@ -17,10 +18,21 @@ from pathlib import Path
 
 
 def isolated_home() -> Path:
-    """Point CAPTRAIN_HOME at a fresh temp dir (before captrain is imported)."""
+    """Point CAPTRAIN_HOME at a fresh temp dir (before captrain is imported); the
+    embedded Redis started there is stopped when the benchmark exits."""
     home = Path(tempfile.mkdtemp(prefix="captrain-bench-"))
     os.environ["CAPTRAIN_HOME"] = str(home)
+    atexit.register(_stop_embedded)
     return home
+
+
+def _stop_embedded() -> None:
+    from shared import embedded
+    from shared.settings import get_settings
+
+    settings = get_settings()
+    if settings.embedded_broker:
+        embedded.stop(settings)
 
 
 @contextmanager

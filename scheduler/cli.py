@@ -376,6 +376,40 @@ def watch(job_id: str) -> None:
     _finish(_parse_id(job_id, "job"), True, False)
 
 
+@app.command()
+def cancel(job_id: str, as_json: JsonOpt = False) -> None:
+    """Cancel a job: queued tasks become no-ops, running ones stop at their next
+    shard boundary or checkpoint."""
+    from shared.records import cancel_job
+
+    jid = _parse_id(job_id, "job")
+    changed = cancel_job(jid)
+    if as_json:
+        _emit({"job": jid, "cancelled": changed}, True)
+    else:
+        console.print(f"job {jid} cancelled" if changed else f"job {jid} had already ended")
+
+
+@app.command()
+def retry(job_id: str, wait: WaitOpt = False, as_json: JsonOpt = False) -> None:
+    """Re-run what a failed or cancelled job left undone (training resumes from its
+    checkpoint)."""
+    from scheduler.submit import enqueue_shards, enqueue_train
+    from shared.records import reopen_job
+    from shared.spec import TrainSpec
+
+    jid = _parse_id(job_id, "job")
+    kind, indices, run_id = reopen_job(jid)
+    if run_id is not None:
+        from scheduler.status import job_detail
+
+        spec = TrainSpec(**job_detail(jid)["spec"])
+        enqueue_train(run_id, jid, spec.time_limit)
+    else:
+        enqueue_shards(kind, jid, indices)
+    _finish(jid, wait, as_json)
+
+
 @app.command("reconcile")
 def reconcile_cmd(
     as_json: JsonOpt = False,

@@ -138,13 +138,21 @@ def release_run(run_id: int, owner: str) -> None:
                   .values(lease_owner=None))
 
 
+class Cancelled(StateError):
+    """The job was cancelled; the task stops at its next checkpoint or shard boundary."""
+
+
 def heartbeat(session: Session, run_id: int, owner: str) -> None:
-    """Renew the lease inside ``session``. Raises LeaseLost if another process holds it."""
+    """Renew the lease inside ``session``. Raises Cancelled if the run was cancelled,
+    LeaseLost if another process holds it."""
     got = _rowcount(session.execute(
-        update(Run).where(Run.id == run_id, Run.lease_owner == owner)
+        update(Run).where(Run.id == run_id, Run.lease_owner == owner,
+                          Run.status != CANCELLED)
         .values(heartbeat_at=utcnow())
     ))
     if got != 1:
+        if session.execute(select(Run.status).where(Run.id == run_id)).scalar() == CANCELLED:
+            raise Cancelled(f"run {run_id} was cancelled")
         raise LeaseLost(f"run {run_id} was taken over by another worker")
 
 
@@ -152,7 +160,8 @@ def finish_shard(session: Session, job_id: int, index: int, sha256: str, worker:
     """Mark a shard done with its artifact. A second call for a done shard is a no-op."""
     session.execute(
         update(Shard)
-        .where(Shard.job_id == job_id, Shard.index == index, Shard.status != DONE)
+        .where(Shard.job_id == job_id, Shard.index == index,
+               Shard.status.in_([PENDING, RUNNING]))
         .values(status=DONE, sha256=sha256, worker=worker, error=None, finished_at=utcnow())
     )
 
@@ -215,6 +224,69 @@ def fail_job(job_id: int, error: str, index: int | None = None) -> None:
                 .where(Dataset.id == ds, Dataset.status != READY)
                 .values(status=FAILED)
             )
+
+
+def cancel_job(job_id: int) -> bool:
+    """Mark an unfinished job, its unfinished shards and its run cancelled.
+
+    Queued messages become no-ops (tasks check SQL when they start); running ones stop
+    at their next shard boundary or training checkpoint. Returns False if the job had
+    already ended. Raises NotFound.
+    """
+    with session_scope() as s:
+        job = s.get(Job, job_id)
+        if job is None:
+            raise NotFound(f"no job {job_id}")
+        if job.status in (DONE, FAILED, CANCELLED):
+            return False
+        job.status, job.finished_at = CANCELLED, utcnow()
+        s.execute(update(Shard).where(Shard.job_id == job_id,
+                                      Shard.status.in_([PENDING, RUNNING]))
+                  .values(status=CANCELLED))
+        s.execute(update(Run).where(Run.job_id == job_id, Run.status != DONE)
+                  .values(status=CANCELLED, finished_at=utcnow()))
+        if job.kind in ("generate", "split"):
+            s.execute(update(Dataset)
+                      .where(Dataset.layout_job_id == job_id, Dataset.status != READY)
+                      .values(status=CANCELLED))
+            if job.kind == "split":
+                ds = s.execute(select(Shard.dataset_id).where(Shard.job_id == job_id)
+                               .limit(1)).scalar()
+                s.execute(update(Dataset).where(Dataset.id == ds, Dataset.status != READY)
+                          .values(status=CANCELLED))
+        return True
+
+
+def reopen_job(job_id: int) -> tuple[str, list[int], int | None]:
+    """Make a failed or cancelled job runnable again, from where it stopped.
+
+    Returns (kind, shard indices to send, run id to send). Done shards stay done and a
+    run keeps its checkpoint. Raises NotFound, or StateError for a job that did not end
+    badly.
+    """
+    with session_scope() as s:
+        job = s.get(Job, job_id)
+        if job is None:
+            raise NotFound(f"no job {job_id}")
+        if job.status not in (FAILED, CANCELLED):
+            raise StateError(f"job {job_id} is {job.status}; only failed or cancelled jobs "
+                             "are retried")
+        job.status, job.error, job.finished_at = PENDING, None, None
+        idx = list(s.execute(
+            select(Shard.index).where(Shard.job_id == job_id, Shard.status != DONE)
+        ).scalars())
+        s.execute(update(Shard).where(Shard.job_id == job_id, Shard.status != DONE)
+                  .values(status=PENDING, attempts=0, error=None))
+        run_id = s.execute(select(Run.id).where(Run.job_id == job_id)).scalar()
+        if run_id is not None:
+            s.execute(update(Run).where(Run.id == run_id).values(
+                status=PENDING, attempts=0, error=None, lease_owner=None, finished_at=None))
+        ds = s.execute(select(Shard.dataset_id).where(Shard.job_id == job_id)
+                       .limit(1)).scalar()
+        if ds is not None:
+            s.execute(update(Dataset).where(Dataset.id == ds, Dataset.status != READY)
+                      .values(status=PENDING))
+        return job.kind, idx, run_id
 
 
 def upsert_metrics(

@@ -178,6 +178,15 @@ def start_worker(tmp_path: Path) -> Iterator:
         w.stop()
 
 
+def free_port() -> int:
+    """A TCP port nothing listens on now (the kernel's pick)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def wait_for(predicate, timeout: float = 120, interval: float = 0.25, what: str = ""):
     """Poll ``predicate`` until it returns a truthy value; fail after ``timeout`` s."""
     deadline = time.monotonic() + timeout

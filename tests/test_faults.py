@@ -288,7 +288,9 @@ def test_an_authenticated_redis_works_through_the_broker_url(tmp_path, start_wor
 
     if tls and shutil.which("openssl") is None:
         pytest.skip("openssl is needed to make a test certificate")
-    port = 16390 + os.getpid() % 500 + (500 if tls else 0)
+    from conftest import free_port
+
+    port = free_port()
     argv = ["redis-server", "--bind", "127.0.0.1", "--requirepass", "s3cret-pw",
             "--save", "", "--appendonly", "no"]
     if tls:
@@ -304,7 +306,7 @@ def test_an_authenticated_redis_works_through_the_broker_url(tmp_path, start_wor
         url = f"redis://:s3cret-pw@127.0.0.1:{port}/0"
     server = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        wait_for(lambda: _ping(url), 10, what="redis with password")
+        wait_for(lambda: server.poll() is None and _ping(url), 30, what="redis with password")
         env = {"CAPTRAIN_HOME": str(tmp_path / "home"), "CAPTRAIN_BROKER_URL": url,
                "CAPTRAIN_DATABASE_URL": f"sqlite:///{tmp_path / 'pw.db'}"}
         start_worker(env, queues="cpu", concurrency=1)

@@ -5,14 +5,13 @@ from __future__ import annotations
 import base64
 import json
 import os
-import socket
 import subprocess
 import sys
 import urllib.error
 import urllib.request
 
 import pytest
-from conftest import ROOT, wait_for
+from conftest import ROOT, free_port, wait_for
 from typer.testing import CliRunner
 
 from scheduler.cli import app
@@ -20,12 +19,6 @@ from scheduler.cli import app
 pytestmark = pytest.mark.integration
 runner = CliRunner()
 AUTH = "admin:flower-pw"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _get(url: str, auth: str | None = AUTH) -> tuple[int, object]:
@@ -43,7 +36,7 @@ def _get(url: str, auth: str | None = AUTH) -> tuple[int, object]:
 
 def test_flower_shows_the_worker_and_the_jobs_tasks(backend, start_worker, tmp_path):
     worker = start_worker(backend, queues="cpu,gpu", concurrency=1)
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("CAPTRAIN_")}
     env.update(backend, CAPTRAIN_FLOWER_BASIC_AUTH=AUTH)
     with open(tmp_path / "flower.log", "wb") as log:

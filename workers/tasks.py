@@ -17,7 +17,7 @@ from celery.utils.log import get_task_logger
 
 from shared.celery_app import GENERATE_SHARD, PING, SPLIT_SHARD, TRAIN, app
 from shared.errors import NotFound, TransientError
-from shared.records import LEASE_STALE_SECONDS, LeaseLost, fail_job
+from shared.records import LEASE_STALE_SECONDS, Cancelled, LeaseLost, fail_job
 from shared.settings import get_settings
 from workers import jobs
 from workers.shutdown import StopRequested
@@ -41,8 +41,9 @@ def _run(task: Task, job_id: int, index: int | None, work: Callable[[], Any]) ->
     except SoftTimeLimitExceeded as exc:
         fail_job(job_id, "time limit reached; the last checkpoint is kept for a retry")
         raise exc
-    except LeaseLost as exc:
-        # Another process owns the run now and will finish it: not a failure.
+    except (LeaseLost, Cancelled) as exc:
+        # Another process owns the run now and will finish it, or the user cancelled
+        # it: either way not a failure of this task.
         log.warning("job %s: %s", job_id, exc)
         return None
     except TransientError as exc:

@@ -86,19 +86,38 @@ def _finish(job_id: int, wait: bool, as_json: bool) -> None:
     from scheduler import status, watch
 
     if wait:
+        import time
+
+        t0 = time.monotonic()
         final = watch.wait(job_id, err_console if as_json else console, quiet=as_json)
+        took = time.monotonic() - t0
         detail = status.job_detail(job_id)
         if as_json:
             _emit({k: v for k, v in detail.items() if k != "shard_list"}, True)
         else:
-            console.print(f"job {job_id} {final}" + (f": {detail['error']}"
-                                                     if detail.get("error") else ""))
+            console.print(_summary(detail, final, took), highlight=False)
         if final != "done":
             raise typer.Exit(1)
     elif as_json:
         _emit({"job": job_id, "status": "pending"}, True)
     else:
         console.print(f"job {job_id} submitted; follow it with `captrain watch {job_id}`")
+
+
+def _summary(detail: dict[str, Any], final: str, took: float) -> str:
+    """The closing line of a followed job: what it made, how fast, or why it stopped."""
+    line = f"job {detail['id']} {detail['kind']} {final} after {took:.1f}s"
+    if detail["shard_list"]:
+        items = sum(s["count"] for s in detail["shard_list"] if s["status"] == "done")
+        workers = len({s["worker"] for s in detail["shard_list"] if s["worker"]})
+        line += (f": {detail['shards_done']}/{detail['shards']} shards, {items} items "
+                 f"({items / max(took, 1e-9):.0f}/s) by {workers} worker(s)")
+    if "run" in detail and detail["run"]["test"]:
+        t = detail["run"]["test"]
+        line += f": test seq_acc {t['seq_acc']:.4f}, char_acc {t['char_acc']:.4f}"
+    if detail.get("error"):
+        line += f": {detail['error']}"
+    return line
 
 
 # --- services ---------------------------------------------------------------------

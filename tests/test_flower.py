@@ -66,6 +66,7 @@ def test_flower_shows_the_worker_and_the_jobs_tasks(backend, start_worker, tmp_p
         tasks = wait_for(lambda: len(shard_tasks()) >= 5 and shard_tasks(), 30,
                          what="the job's tasks in /api/tasks")
         assert {t["state"] for t in tasks} == {"SUCCESS"}
+        assert all(t["args"].startswith("job ") and " shard " in t["args"] for t in tasks)
         print(f"\nFlower: worker listed, {len(tasks)} generate_shard tasks in /api/tasks")
     finally:
         proc.terminate()

@@ -89,7 +89,7 @@ def test_one_generation_job_is_shared_by_two_hosts(tmp_path, pg_url):
     tag = uuid.uuid4().hex[:4]
     hosts = [f"ct{tag}h{i}" for i in (1, 2)]
     root_addrs = [f"{SUBNET}.{i}.1" for i in (1, 2)]
-    from conftest import free_port
+    from conftest import free_port, system_redis_server
 
     redis_port = free_port()
     made: list[str] = []
@@ -108,7 +108,7 @@ def test_one_generation_job_is_shared_by_two_hosts(tmp_path, pg_url):
             _ip("netns", "exec", ns, "ip", "link", "set", peer, "up")
             _ip("netns", "exec", ns, "ip", "link", "set", "lo", "up")
         redis = subprocess.Popen(
-            ["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", *root_addrs,
+            [system_redis_server(), "--port", str(redis_port), "--bind", "127.0.0.1", *root_addrs,
              "--requirepass", "two-hosts", "--save", "", "--appendonly", "no"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         procs.append(redis)

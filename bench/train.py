@@ -1,0 +1,127 @@
+"""Training data path: samples/s of the train job's path (shards from the SQL store,
+PNG decoding, transforms, batching) against a bare torch loop on in-memory tensors,
+with the same model, optimizer and device, side by side in this process.
+
+    python bench/train.py [--images 4000] [--epochs 2] [--batch-size 64]
+
+Also prints this process's peak RSS. With ``--cache-mb 0`` every epoch streams and
+decodes every shard again (the path a dataset larger than the cache takes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import sys
+import time
+from pathlib import Path
+
+# Replace this script's folder on the path: bench/queue.py must not shadow stdlib queue.
+sys.path[0] = str(Path(__file__).resolve().parent.parent)
+from rich.console import Console  # noqa: E402
+
+from bench.harness import isolated_home, machine, workers  # noqa: E402
+
+HOME = isolated_home()
+
+
+def make_dataset(n: int) -> str:
+    from scheduler import watch
+    from scheduler.plan import plan_generate
+    from scheduler.submit import enqueue_shards
+    from shared.spec import GenerateSpec, validate
+
+    spec = validate(GenerateSpec, name="bench-train", count=n, length=4, charset="digits",
+                    shard_size=250, seed=1)
+    with workers("cpu", 2, HOME):
+        job_id, idx = plan_generate(spec)
+        enqueue_shards("generate", job_id, idx)
+        assert watch.wait(job_id, Console(quiet=True), interval=0.1, quiet=True) == "done"
+    return spec.name
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--images", type=int, default=4000)
+    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--cache-mb", type=int, default=512)
+    args = ap.parse_args()
+
+    import torch
+    from sqlalchemy import select
+
+    from scheduler.plan import find_dataset
+    from shared.artifacts import read_verified
+    from shared.db import session_scope
+    from shared.schema import Shard
+    from workers.data import ShardLoader, decode_shard, normalize
+    from workers.models import ModelConfig, build_model
+    from workers.train import _loss
+
+    name = make_dataset(args.images)
+    with session_scope() as s:
+        ds = find_dataset(s, name)
+        shas = list(s.execute(select(Shard.sha256).where(
+            Shard.job_id == ds.layout_job_id, Shard.split == "train").order_by(Shard.index)
+        ).scalars())
+        cfg = ModelConfig(charset=ds.charset, length=ds.length, in_height=30, in_width=80,
+                          image_height=ds.height, image_width=ds.width)
+
+    def fetch(sha: str) -> bytes:
+        with session_scope() as s:
+            return read_verified(s, sha)
+
+    def step(model, opt, x, y) -> None:
+        loss = _loss(model(normalize(x, cfg)), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    def run(batches_of_epoch) -> float:
+        torch.manual_seed(0)
+        model = build_model(cfg)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        model.train()
+        seen = 0
+        t0 = time.perf_counter()
+        for e in range(args.epochs):
+            for x, y in batches_of_epoch(e):
+                step(model, opt, x, y)
+                seen += len(y)
+        return seen / (time.perf_counter() - t0)
+
+    # Baseline: everything decoded into memory beforehand (not timed), then a bare loop.
+    parts = [decode_shard(fetch(sha), cfg) for sha in shas]
+    X = torch.cat([p[0] for p in parts])
+    Y = torch.cat([p[1] for p in parts])
+
+    def in_memory(e: int):
+        perm = torch.randperm(len(X), generator=torch.Generator().manual_seed(e))
+        for b in range(0, len(perm), args.batch_size):
+            idx = perm[b : b + args.batch_size]
+            yield X[idx], Y[idx]
+
+    streamed = ShardLoader(shas, fetch, cfg, args.batch_size, cache_bytes=0)
+    cached = ShardLoader(shas, fetch, cfg, args.batch_size,
+                         cache_bytes=args.cache_mb * 1024 * 1024)
+    base = run(in_memory)
+    stream_rate = run(streamed.epoch)
+    cache_rate = run(cached.epoch)
+    base2 = run(in_memory)  # again, to show the noise between identical runs
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"machine: {machine()}")
+    print(f"train split: {len(X)} images in {len(shas)} shards, {args.epochs} epochs, "
+          f"batch {args.batch_size}, {torch.get_num_threads()} torch threads")
+    print(f"bare loop on in-memory tensors:       {base:7.1f} samples/s "
+          f"(repeat: {base2:.1f})")
+    print(f"data path, streamed every epoch:      {stream_rate:7.1f} samples/s")
+    print(f"data path, decoded-shard cache:       {cache_rate:7.1f} samples/s")
+    mean_base = (base + base2) / 2
+    print(f"data-path ratio, streamed: {stream_rate / mean_base:.3f}; "
+          f"cached: {cache_rate / mean_base:.3f}")
+    print(f"peak RSS of this process: {peak:.0f} MB")
+
+
+if __name__ == "__main__":
+    main()

@@ -107,3 +107,25 @@ def iter_chunks(session: Session, sha256: str) -> Iterator[bytes]:
 def read_verified(session: Session, sha256: str) -> bytes:
     """Return the whole artifact, only after its hash checked out. For small artifacts."""
     return b"".join(iter_chunks(session, sha256))
+
+
+def delete_if_unreferenced(session: Session, sha256: str) -> bool:
+    """Delete an artifact that no shard, run checkpoint or model points at any more.
+
+    Returns True if it was deleted. Content addressing means two rows may share one
+    artifact, so the check looks at every table that holds artifact keys.
+    """
+    from sqlalchemy import delete, exists, or_
+
+    from shared.schema import Model, Run, Shard
+
+    used = session.execute(select(or_(
+        exists().where(Shard.sha256 == sha256),
+        exists().where(Run.checkpoint_sha256 == sha256),
+        exists().where(Model.weights_sha256 == sha256),
+    ))).scalar()
+    if used:
+        return False
+    session.execute(delete(ArtifactChunk).where(ArtifactChunk.sha256 == sha256))
+    session.execute(delete(Artifact).where(Artifact.sha256 == sha256))
+    return True

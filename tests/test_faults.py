@@ -68,6 +68,12 @@ def _clean_hashes(job_id: int) -> list[str]:
     return out
 
 
+def _runs_with_checkpoints() -> int:
+    with session_scope() as s:
+        return s.execute(select(func.count()).select_from(Run).where(
+            Run.checkpoint_sha256.is_not(None))).scalar_one()
+
+
 def _check_complete(job_id: int, count: int, label: str) -> None:
     shards = _shards(job_id)
     with session_scope() as s:
@@ -221,6 +227,14 @@ def test_training_killed_mid_run_resumes_from_its_last_checkpoint(backend, start
     assert [e["epoch"] for e in run["per_epoch"]] == list(range(1, 9))
     # per epoch: train loss/char/seq + val loss/char/seq/count; then test x4: no doubles
     assert metric_rows == 8 * (3 + 4) + 4
+    with session_scope() as s:
+        # Earlier epochs' checkpoints are deleted as new ones land: one is kept.
+        ckpts = s.execute(select(func.count()).select_from(Artifact).where(
+            Artifact.media_type == "application/vnd.captrain.checkpoint+safetensors"
+        )).scalar_one()
+        last = s.get(Run, run_id).checkpoint_sha256
+        assert last is not None and s.get(Artifact, last) is not None
+    assert ckpts >= 1 and ckpts <= _runs_with_checkpoints()
 
     # The stored model: bytes altered in SQL fail the hash check and are not loaded.
     img = tmp_path / "x.png"

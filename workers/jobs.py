@@ -20,7 +20,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy import select
 
 from shared import shardfmt
-from shared.artifacts import put_bytes, read_verified
+from shared.artifacts import delete_if_unreferenced, put_bytes, read_verified
 from shared.db import insert_for, session_scope
 from shared.errors import NotFound, StateError
 from shared.records import (
@@ -222,7 +222,12 @@ def _train_leased(run_id: int, owner: str, worker: str, progress: Any) -> dict[s
             upsert_metrics(s, run_id, epoch, "val", va)
             r = s.get(Run, run_id)
             assert r is not None
+            previous = r.checkpoint_sha256
             r.epochs_done, r.checkpoint_sha256 = epoch, sha
+            s.flush()
+            # One checkpoint per run is kept: the one a resume needs.
+            if previous is not None and previous != sha:
+                delete_if_unreferenced(s, previous)
         if progress is not None:
             progress(epoch, epoch * train_count, spec.epochs * train_count, va)
 
@@ -234,7 +239,11 @@ def _train_leased(run_id: int, owner: str, worker: str, progress: Any) -> dict[s
             sha = put_bytes(s, blob, checkpoint.MEDIA_TYPE)
             r = s.get(Run, run_id)
             assert r is not None
+            previous = r.checkpoint_sha256
             r.checkpoint_sha256 = sha
+            s.flush()
+            if previous is not None and previous != sha:
+                delete_if_unreferenced(s, previous)
         log.warning("run %s: checkpoint at epoch %d batch %d before stopping", run_id,
                     ckpt["epoch"] + 1, ckpt["batch"])
 

@@ -139,10 +139,12 @@ def redact_url(url: str) -> str:
     """Return ``url`` with its password replaced by ``***``, in the user part and in
     query parameters (``?password=``) alike."""
     parts = urlsplit(url)
-    if parts.query:
-        parts = parts._replace(query=_SECRET_PARAMS.sub(r"\1***", parts.query))
+    query = _SECRET_PARAMS.sub(r"\1***", parts.query)
     if parts.password is None:
-        return urlunsplit(parts)
+        # Rebuild only when something changed: urlunsplit would turn sqlite:////abs
+        # into sqlite://abs.
+        return url if query == parts.query else url.replace(parts.query, query)
+    parts = parts._replace(query=query)
     user = parts.username or ""
     host = parts.hostname or ""
     if ":" in host:

@@ -69,4 +69,6 @@ def test_postgres_scheme_is_accepted_and_gets_the_driver(monkeypatch):
 
 
 def test_redact_leaves_urls_without_password_alone():
-    assert redact_url("redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"
+    for url in ("redis://127.0.0.1:6379/0", "sqlite:////tmp/x/captrain.db",
+                "redis+socket:///tmp/x/redis.sock"):
+        assert redact_url(url) == url

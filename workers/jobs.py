@@ -18,6 +18,7 @@ from typing import Any
 
 from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from shared import shardfmt
 from shared.artifacts import delete_if_unreferenced, put_bytes, read_verified
@@ -213,37 +214,34 @@ def _train_leased(run_id: int, owner: str, worker: str, progress: Any) -> dict[s
 
     train_count = sum(c for _, c in splits["train"])
 
+    def store_checkpoint(s: Session, ckpt: dict) -> Run:
+        """Renew the lease, store ``ckpt`` and point the run at it, inside ``s``.
+
+        One checkpoint per run is kept, the one a resume needs: the previous one is
+        deleted unless something else references the same bytes.
+        """
+        heartbeat(s, run_id, owner)
+        sha = put_bytes(s, checkpoint.dumps(ckpt), checkpoint.MEDIA_TYPE)
+        r = s.get(Run, run_id)
+        assert r is not None
+        previous, r.checkpoint_sha256 = r.checkpoint_sha256, sha
+        s.flush()
+        if previous is not None and previous != sha:
+            delete_if_unreferenced(s, previous)
+        return r
+
     def on_epoch(epoch: int, tr: dict[str, float], va: dict[str, Any], ckpt: dict) -> None:
-        blob = checkpoint.dumps(ckpt)
         with session_scope() as s:
-            heartbeat(s, run_id, owner)
-            sha = put_bytes(s, blob, checkpoint.MEDIA_TYPE)
             upsert_metrics(s, run_id, epoch, "train", tr)
             upsert_metrics(s, run_id, epoch, "val", va)
-            r = s.get(Run, run_id)
-            assert r is not None
-            previous = r.checkpoint_sha256
-            r.epochs_done, r.checkpoint_sha256 = epoch, sha
-            s.flush()
-            # One checkpoint per run is kept: the one a resume needs.
-            if previous is not None and previous != sha:
-                delete_if_unreferenced(s, previous)
+            store_checkpoint(s, ckpt).epochs_done = epoch
         if progress is not None:
             progress(epoch, epoch * train_count, spec.epochs * train_count, va)
 
     def on_interrupt(ckpt: dict) -> None:
         # Mid-epoch: keep the position so that the next delivery resumes right here.
-        blob = checkpoint.dumps(ckpt)
         with session_scope() as s:
-            heartbeat(s, run_id, owner)
-            sha = put_bytes(s, blob, checkpoint.MEDIA_TYPE)
-            r = s.get(Run, run_id)
-            assert r is not None
-            previous = r.checkpoint_sha256
-            r.checkpoint_sha256 = sha
-            s.flush()
-            if previous is not None and previous != sha:
-                delete_if_unreferenced(s, previous)
+            store_checkpoint(s, ckpt)
         log.warning("run %s: checkpoint at epoch %d batch %d before stopping", run_id,
                     ckpt["epoch"] + 1, ckpt["batch"])
 

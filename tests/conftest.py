@@ -44,23 +44,27 @@ def redis_url() -> str:
 
 
 @pytest.fixture(scope="session")
-def pg_url() -> str:
+def pg_url() -> Iterator[str]:
+    """A database of its own for this test session on the PostgreSQL server of PG_URL.
+
+    Created empty and dropped at the end, so that concurrent test sessions (a CI
+    clone beside a working tree) never drop each other's tables.
+    """
     from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
 
-    from shared.schema import Base
-
+    server = make_url(PG_URL)
+    name = f"captrain_test_{os.getpid()}_{uuid.uuid4().hex[:6]}"
     try:
-        engine = create_engine(PG_URL)
-        with engine.begin() as conn:
-            conn.execute(text("SELECT 1"))
+        admin = create_engine(server, isolation_level="AUTOCOMMIT")
+        with admin.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
     except Exception as exc:
         _missing("PostgreSQL", exc)
-    # A clean schema per test session: migrations build it from nothing.
-    Base.metadata.drop_all(engine)
-    with engine.begin() as conn:
-        conn.execute(text("DROP TABLE IF EXISTS alembic_version"))
-    engine.dispose()
-    return PG_URL
+    yield server.set(database=name).render_as_string(hide_password=False)
+    with admin.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
 
 
 def _reset_process_caches() -> None:

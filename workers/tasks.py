@@ -3,11 +3,17 @@
 A transient error (a dropped database or broker connection) retries with
 exponential backoff; any other error marks the job failed in SQL, with its message,
 and does not loop.
+
+Long tasks report progress as ``task-progress`` events (not ``update_state``: there
+is no result backend). Celery's event ``State``, which Flower builds on, turns an
+unknown ``task-<x>`` event into the custom state ``<X>``, so Flower shows such a
+task as ``PROGRESS`` until its ``task-succeeded`` event.
 """
 
 from __future__ import annotations
 
 import socket
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -24,6 +30,57 @@ from workers.shutdown import StopRequested
 
 log = get_task_logger(__name__)
 HOST = socket.gethostname()
+
+PROGRESS_EVENT = "task-progress"  # Flower's State shows it as the state PROGRESS
+PROGRESS_INTERVAL = 0.5  # s: the least time between two progress events of a shard
+PROGRESS_PAUSE = 30.0  # s without progress events in this process after one failed
+# A progress event is worth one quick reconnect (a pooled connection the broker
+# dropped), not the default publish retries: the work must not wait on monitoring.
+_EVENT_RETRY = {"max_retries": 1, "interval_start": 0, "interval_step": 0.2,
+                "interval_max": 0.2}
+_progress_paused_until = 0.0  # time.monotonic(); per process, as the broker is shared
+
+
+def _send_progress(task: Task, **meta: Any) -> None:
+    """Send a ``task-progress`` event with ``meta``. Never raises: a failure is logged
+    and pauses progress events for ``PROGRESS_PAUSE``, since connecting to a broker
+    that is down takes seconds each time (the connection timeout)."""
+    global _progress_paused_until
+    if time.monotonic() < _progress_paused_until:
+        return
+    try:
+        task.send_event(PROGRESS_EVENT, retry=True, retry_policy=_EVENT_RETRY, **meta)
+    except Exception as exc:  # monitoring must never fail the work
+        _progress_paused_until = time.monotonic() + PROGRESS_PAUSE
+        log.warning("task %s: progress event not sent (none for %.0f s): %s",
+                    task.request.id, PROGRESS_PAUSE, exc)
+
+
+def _item_progress(task: Task) -> Callable[[int, int], None]:
+    """A ``progress(done, total)`` callback for a shard, throttled to one event per
+    ``PROGRESS_INTERVAL``: a shard calls it once per item. A shard that takes less
+    than the interval sends none."""
+    last = time.monotonic()
+
+    def progress(done: int, total: int) -> None:
+        nonlocal last
+        now = time.monotonic()
+        if now - last >= PROGRESS_INTERVAL and done < total:
+            last = now
+            _send_progress(task, done=done, total=total)
+
+    return progress
+
+
+def _epoch_progress(task: Task) -> Callable[[int, int, int, dict[str, Any]], None]:
+    """A ``progress(epoch, done, total, val_metrics)`` callback for ``jobs.train_run``:
+    one event per epoch, with that epoch's validation loss and accuracies (``acc``:
+    whole sequences right; ``char_acc``: characters right)."""
+    def progress(epoch: int, done: int, total: int, metrics: dict[str, Any]) -> None:
+        _send_progress(task, done=done, total=total, epoch=epoch, loss=metrics.get("loss"),
+                       acc=metrics.get("seq_acc"), char_acc=metrics.get("char_acc"))
+
+    return progress
 
 
 def _run(task: Task, job_id: int, index: int | None, work: Callable[[], Any]) -> Any:
@@ -62,7 +119,7 @@ def generate_shard(self: Task, job_id: int, index: int) -> str | None:
     """Render and store shard ``index`` of generate job ``job_id``."""
     return _run(self, job_id, index,
                 lambda: jobs.generate_shard(job_id, index, self.request.hostname or HOST,
-                                           self.request.retries))
+                                           self.request.retries, _item_progress(self)))
 
 
 @app.task(name=SPLIT_SHARD, bind=True)
@@ -70,14 +127,15 @@ def split_shard(self: Task, job_id: int, index: int) -> str | None:
     """Build output shard ``index`` of split job ``job_id``."""
     return _run(self, job_id, index,
                 lambda: jobs.split_shard(job_id, index, self.request.hostname or HOST,
-                                        self.request.retries))
+                                        self.request.retries, _item_progress(self)))
 
 
 @app.task(name=TRAIN, bind=True)
 def train(self: Task, run_id: int, job_id: int) -> dict[str, Any] | None:
     """Train run ``run_id`` (of job ``job_id``), resuming from its last checkpoint."""
     result = _run(self, job_id, None,
-                  lambda: jobs.train_run(run_id, f"{self.request.hostname or HOST}"))
+                  lambda: jobs.train_run(run_id, f"{self.request.hostname or HOST}",
+                                         _epoch_progress(self)))
     if result is jobs.HELD:
         # A live process trains this run. Look again once its lease could have gone
         # stale: if that process died on another host, this copy takes over; if the

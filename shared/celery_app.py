@@ -18,16 +18,20 @@ GENERATE_SHARD = "captrain.generate_shard"
 SPLIT_SHARD = "captrain.split_shard"
 TRAIN = "captrain.train"
 PING = "captrain.ping"
+EXPLORE = "captrain.explore"  # statistics and plots of a dataset (iris)
+REPORT = "captrain.report"  # curves, prediction grid and confusion plots of a run
 
 QUEUES = ("cpu", "gpu")
 ROUTES = {
     GENERATE_SHARD: {"queue": "cpu"},
     SPLIT_SHARD: {"queue": "cpu"},
     PING: {"queue": "cpu"},
+    EXPLORE: {"queue": "cpu"},
+    REPORT: {"queue": "cpu"},
     TRAIN: {"queue": "gpu"},
 }
 
-app = Celery("captrain", include=["workers.tasks"])
+app = Celery("captrain", include=["workers.tasks", "workers.analysis_tasks"])
 app.config_from_object("shared.celery_config")
 app.conf.task_queues = [Queue(q, routing_key=q) for q in QUEUES]
 app.conf.task_routes = ROUTES

@@ -77,7 +77,8 @@ class Dataset(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str] = mapped_column(String(64), unique=True)
-    kind: Mapped[str] = mapped_column(String(16))  # captcha | imported
+    # captcha | imported | mnist | audio | iris
+    kind: Mapped[str] = mapped_column(String(16))
     status: Mapped[str] = mapped_column(String(16), default=PENDING)
     charset: Mapped[str] = mapped_column(Text)
     length: Mapped[int] = mapped_column(Integer)
@@ -85,6 +86,8 @@ class Dataset(Base):
     height: Mapped[int] = mapped_column(Integer)
     count: Mapped[int] = mapped_column(Integer)
     layout_job_id: Mapped[int | None] = mapped_column(ForeignKey("jobs.id"), default=None)
+    # What the kind needs beyond the columns: for audio, the sample rate.
+    meta: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
@@ -167,6 +170,31 @@ class Model(Base):
     config: Mapped[dict[str, Any]] = mapped_column(JSON)
     metrics: Mapped[dict[str, Any]] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Analysis(Base):
+    """What an explore or report job found: a JSON summary plus named files."""
+
+    __tablename__ = "analyses"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), unique=True)
+    kind: Mapped[str] = mapped_column(String(16))  # explore | report
+    subject: Mapped[str] = mapped_column(String(64))  # a dataset name or "run <id>"
+    summary: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    files: Mapped[list[AnalysisFile]] = relationship(order_by="AnalysisFile.name")
+
+
+class AnalysisFile(Base):
+    """One named file of an analysis (a PNG plot, an HTML page), stored as an artifact."""
+
+    __tablename__ = "analysis_files"
+
+    analysis_id: Mapped[int] = mapped_column(ForeignKey("analyses.id"), primary_key=True)
+    name: Mapped[str] = mapped_column(String(128), primary_key=True)
+    sha256: Mapped[str] = mapped_column(ForeignKey("artifacts.sha256"))
 
 
 class Artifact(Base):

@@ -8,6 +8,7 @@ EXIF rotation; an animation gives its first frame.
 
 from __future__ import annotations
 
+import io
 import warnings
 from pathlib import Path
 
@@ -20,13 +21,14 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 MAX_PIXELS = 40_000_000
 
 
-def _open(path: Path) -> Image.Image:
+def _open(path: Path | str, data: bytes | None = None) -> Image.Image:
+    # ``data``, when given, is the image's bytes and ``path`` only names them.
     try:
-        if path.stat().st_size == 0:
+        if (len(data) if data is not None else Path(path).stat().st_size) == 0:
             raise InputError(f"{path}: file is empty")
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            im = Image.open(path)
+            im = Image.open(io.BytesIO(data) if data is not None else path)
     except InputError:
         raise
     except FileNotFoundError as exc:
@@ -56,7 +58,15 @@ def check_image(path: Path) -> tuple[int, int]:
 
 def load_rgb(path: Path) -> Image.Image:
     """Return ``path`` as an RGB image. Raises InputError."""
-    im = _open(path)
+    return _to_rgb(path, _open(path))
+
+
+def load_rgb_bytes(data: bytes, name: str = "image") -> Image.Image:
+    """Return encoded image bytes as an RGB image; errors name ``name``. Raises InputError."""
+    return _to_rgb(name, _open(name, data))
+
+
+def _to_rgb(path: Path | str, im: Image.Image) -> Image.Image:
     try:
         im.seek(0)
         im.load()

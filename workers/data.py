@@ -1,5 +1,5 @@
-"""From shard artifacts to model-ready batches, and the image transform that training
-and prediction share.
+"""From shard artifacts to model-ready batches, and the transforms that training and
+prediction share (captcha images, digits, audio clips).
 
 Shards stream from the artifact store one at a time. Decoded shards are kept in a
 byte-bounded cache, so a dataset that fits is decoded once per run and a larger one
@@ -17,32 +17,45 @@ import torch
 from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms.v2 import functional as TF
 
-from shared.errors import ArtifactError
+from shared.errors import ArtifactError, InputError
 from shared.shardfmt import unpack
-from workers.models import ModelConfig
+from workers.audio import log_mel, read_wav
+from workers.models import PAD, ModelConfig
 
 
-def encode_label(label: str, charset: str, length: int) -> list[int]:
-    """Map ``label`` to class indices. Raises ValueError for a wrong length or char."""
-    if len(label) != length:
-        raise ValueError(f"label {label!r} is not {length} characters long")
+def encode_label(label: str, charset: str, length: int, min_length: int = 0) -> list[int]:
+    """Map ``label`` to class indices, padded with PAD up to ``length``.
+
+    ``min_length`` 0 means the label must be exactly ``length`` long. Raises ValueError
+    for a wrong length or a character outside the charset.
+    """
+    shortest = min_length or length
+    if not shortest <= len(label) <= length:
+        want = f"{length}" if shortest == length else f"{shortest} to {length}"
+        raise ValueError(f"label {label!r} is not {want} characters long")
     try:
-        return [charset.index(c) for c in label]
+        return [charset.index(c) for c in label] + [PAD] * (length - len(label))
     except ValueError as exc:
         raise ValueError(f"label {label!r} has a character outside the charset") from exc
 
 
 def decode_label(indices: Sequence[int], charset: str) -> str:
-    return "".join(charset[i] for i in indices)
+    return "".join(charset[i] for i in indices if i != PAD)
 
 
 def to_model_input(rgb: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
     """(3, H, W) uint8 RGB of any size -> (1, h, w) uint8 grey at the model's input size.
 
-    The one transform that both training and prediction apply.
+    The one transform that both training and prediction apply to captcha images.
     """
     grey = TF.rgb_to_grayscale(rgb)
     return TF.resize(grey, [cfg.in_height, cfg.in_width], antialias=True)
+
+
+def wav_to_model_input(data: bytes, cfg: ModelConfig, name: str = "clip") -> torch.Tensor:
+    """WAV bytes -> (1, n_mels, frames) uint8 log-mel. Raises InputError."""
+    samples, rate = read_wav(data, name)
+    return log_mel(samples, rate, cfg.sample_rate, cfg.n_mels, cfg.hop, cfg.in_width)
 
 
 def normalize(x: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
@@ -50,25 +63,35 @@ def normalize(x: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
     return (x.float() / 255.0 - cfg.mean) / cfg.std
 
 
-def decode_shard(data: bytes, cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """Decode a shard into (N, 1, h, w) uint8 images and (N, L) int64 labels.
+def decode_item(data: bytes, cfg: ModelConfig) -> torch.Tensor:
+    """One stored item (PNG/JPEG image or WAV clip) -> (1, h, w) uint8 model input.
 
-    Raises ArtifactError for a malformed shard, an undecodable image or a bad label.
+    Raises RuntimeError or InputError for bytes that do not decode.
+    """
+    if cfg.modality == "audio":
+        return wav_to_model_input(data, cfg)
+    rgb = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8),
+                       mode=ImageReadMode.RGB)
+    return to_model_input(rgb, cfg)
+
+
+def decode_shard(data: bytes, cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode a shard into (N, 1, h, w) uint8 inputs and (N, L) int64 labels.
+
+    Raises ArtifactError for a malformed shard, an undecodable item or a bad label.
     """
     _, items = unpack(data)
-    images, labels = [], []
+    inputs, labels = [], []
     for it in items:
         try:
-            rgb = decode_image(torch.frombuffer(bytearray(it.data), dtype=torch.uint8),
-                               mode=ImageReadMode.RGB)
-            labels.append(encode_label(it.label, cfg.charset, cfg.length))
-        except (RuntimeError, ValueError) as exc:
+            inputs.append(decode_item(it.data, cfg))
+            labels.append(encode_label(it.label, cfg.charset, cfg.length, cfg.min_length))
+        except (RuntimeError, ValueError, InputError) as exc:
             raise ArtifactError(f"shard item {it.index} cannot be used: {exc}") from exc
-        images.append(to_model_input(rgb, cfg))
-    if not images:
+    if not inputs:
         return (torch.empty(0, 1, cfg.in_height, cfg.in_width, dtype=torch.uint8),
                 torch.empty(0, cfg.length, dtype=torch.int64))
-    return torch.stack(images), torch.tensor(labels, dtype=torch.int64)
+    return torch.stack(inputs), torch.tensor(labels, dtype=torch.int64)
 
 
 @dataclass

@@ -1,4 +1,12 @@
-"""The networks. One ``nn.Module`` per concept, configured by a dataclass."""
+"""The networks, and how their outputs read as text.
+
+One ``nn.Module`` per concept, configured by a dataclass. Every model takes
+(B, 1, H, W) normalized grey input: a scaled captcha, a 28×28 digit, or a log-mel
+spectrogram (mel bands × frames) for audio. Two output shapes exist:
+
+- fixed length (``multihead``, ``cnn``, ``lenet``): (B, L, C), one softmax per position;
+- CTC (``crnn``): (B, T, C + 1) over time steps, class 0 the blank, any length up to T.
+"""
 
 from __future__ import annotations
 
@@ -8,13 +16,18 @@ from typing import Any
 import torch
 from torch import nn
 
+FIXED_ARCHS = ("multihead", "cnn", "lenet")
+CTC_ARCHS = ("crnn",)
+IMAGE_ARCHS = FIXED_ARCHS + CTC_ARCHS
+PAD = -1  # label padding past a shorter text's end
+
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Everything needed to rebuild a model and feed it images; stored beside weights."""
+    """Everything needed to rebuild a model and feed it inputs; stored beside weights."""
 
     charset: str
-    length: int
+    length: int  # the longest text; fixed-length models read exactly this many
     in_height: int  # model input, after scaling the dataset's images
     in_width: int
     image_height: int  # the dataset's image size, for reference
@@ -24,6 +37,23 @@ class ModelConfig:
     dropout: float = 0.3
     mean: float = 0.5  # normalization of grey pixels in [0, 1]
     std: float = 0.5
+    min_length: int = 0  # shortest text; 0 means ``length`` (fixed)
+    modality: str = "image"  # image | audio
+    # How a user's own image becomes model input: "resize" (captchas) or "mnist"
+    # (invert, crop to the ink, fit in 20×20, centre by mass in 28×28).
+    preprocess: str = "resize"
+    sample_rate: int = 8000  # audio: Hz
+    n_mels: int = 0  # audio: mel bands (the input height)
+    hop: int = 0  # audio: samples per frame
+    augment: str = "none"  # training-time augmentation preset (workers.augment)
+
+    @property
+    def ctc(self) -> bool:
+        return self.arch in CTC_ARCHS
+
+    @property
+    def shortest(self) -> int:
+        return self.min_length or self.length
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -33,12 +63,12 @@ class ModelConfig:
         return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
 
 
-def conv_block(c_in: int, c_out: int) -> nn.Sequential:
+def conv_block(c_in: int, c_out: int, pool: tuple[int, int] = (2, 2)) -> nn.Sequential:
     return nn.Sequential(
         nn.Conv2d(c_in, c_out, 3, padding=1, bias=False),
         nn.BatchNorm2d(c_out),
         nn.ReLU(inplace=True),
-        nn.MaxPool2d(2),
+        nn.MaxPool2d(pool),
     )
 
 
@@ -46,7 +76,8 @@ class MultiHeadCNN(nn.Module):
     """A shared convolutional trunk with one softmax head per character position.
 
     All heads train jointly on the sum of their cross-entropies: the multi-task
-    approach of the captcha notes, without a recurrent decoder.
+    approach of the captcha notes, without a recurrent decoder. With one position it
+    is a plain CNN classifier (``cnn``, for digits).
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -68,8 +99,100 @@ class MultiHeadCNN(nn.Module):
         return torch.stack([head(feat) for head in self.heads], dim=1)  # (B, L, C)
 
 
+class LeNet(nn.Module):
+    """LeNet-5 as LeCun et al. (1998) drew it for 28×28 digits, with ReLU and max-pool."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 6, 5, padding=2), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+            nn.Conv2d(6, 16, 5), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+        )
+        with torch.no_grad():
+            n_feat = self.features(torch.zeros(1, 1, cfg.in_height, cfg.in_width)).numel()
+        self.classifier = nn.Sequential(
+            nn.Linear(n_feat, 120), nn.ReLU(inplace=True),
+            nn.Linear(120, 84), nn.ReLU(inplace=True),
+            nn.Linear(84, cfg.length * len(cfg.charset)),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.classifier(self.features(x).flatten(1))  # (B, L*C)
+        return logits.view(len(x), self.cfg.length, len(self.cfg.charset))  # (B, L, C)
+
+
+class CRNN(nn.Module):
+    """Convolutions, a bidirectional GRU along the width, and a CTC output per column.
+
+    Pooling halves the height four times but the width only twice, so an 80 px wide
+    input gives 20 time steps: room for texts of any length up to about half that.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        c = cfg.channels
+        self.cfg = cfg
+        self.trunk = nn.Sequential(
+            conv_block(1, c), conv_block(c, 2 * c), conv_block(2 * c, 4 * c, (2, 1)),
+            conv_block(4 * c, 4 * c, (2, 1)),
+        )
+        with torch.no_grad():
+            _, ch, h, _ = self.trunk(torch.zeros(1, 1, cfg.in_height, cfg.in_width)).shape
+        hidden = 4 * c
+        self.proj = nn.Linear(ch * h, hidden)
+        self.rnn = nn.GRU(hidden, hidden, batch_first=True, bidirectional=True)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.out = nn.Linear(2 * hidden, len(cfg.charset) + 1)  # + the blank, index 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = self.trunk(x)  # (B, ch, h, T)
+        f = f.permute(0, 3, 1, 2).flatten(2)  # (B, T, ch*h)
+        seq, _ = self.rnn(torch.relu(self.proj(f)))  # (B, T, 2*hidden)
+        return self.out(self.dropout(seq))  # (B, T, C+1)
+
+
 def build_model(cfg: ModelConfig) -> nn.Module:
-    """Return a freshly initialised model for ``cfg.arch``."""
-    if cfg.arch == "multihead":
+    """Return a freshly initialised model for ``cfg.arch``. Raises ValueError."""
+    if cfg.arch in ("multihead", "cnn"):
         return MultiHeadCNN(cfg)
+    if cfg.arch == "lenet":
+        return LeNet(cfg)
+    if cfg.arch == "crnn":
+        return CRNN(cfg)
     raise ValueError(f"unknown model {cfg.arch!r}")
+
+
+def time_steps(cfg: ModelConfig) -> int:
+    """How many CTC time steps a ``crnn`` gives for ``cfg``'s input width."""
+    return cfg.in_width // 4
+
+
+@torch.no_grad()
+def decode(logits: torch.Tensor, cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Read model output as class indices.
+
+    Returns (B, L) indices into ``cfg.charset``, padded with PAD past a shorter text,
+    and (B,) confidences: the product of the chosen classes' probabilities. For CTC
+    that is the product over the best path's emitting steps, times its least sure
+    other step, so that a doubtful blank (a character perhaps missed) counts too.
+    """
+    probs = logits.float().softmax(-1).cpu()
+    best, idx = probs.max(-1)  # (B, L) or (B, T)
+    if not cfg.ctc:
+        return idx, best.prod(-1)
+    out = torch.full((len(idx), cfg.length), PAD, dtype=torch.long)
+    conf = torch.ones(len(idx))
+    for b, (row, p) in enumerate(zip(idx.tolist(), best.tolist(), strict=True)):
+        prev, n, least = 0, 0, 1.0
+        for k, cls in enumerate(row):
+            # Greedy CTC: collapse repeats, then drop blanks.
+            if cls != 0 and cls != prev and n < cfg.length:
+                out[b, n] = cls - 1
+                conf[b] *= p[k]
+                n += 1
+            else:
+                least = min(least, p[k])
+            prev = cls
+        conf[b] *= least
+    return out, conf

@@ -1,4 +1,4 @@
-"""Reading text from images with a stored model.
+"""Reading text from images and audio clips with a stored model.
 
 Weights load from safetensors, after the artifact's sha256 checked out: loading a
 model never unpickles and never runs code from the store.
@@ -19,11 +19,16 @@ from torch import nn
 
 from shared.artifacts import read_verified
 from shared.db import session_scope
-from shared.errors import ArtifactError, CaptrainError
-from shared.images import load_rgb
+from shared.errors import ArtifactError, CaptrainError, InputError
+from shared.images import load_rgb, load_rgb_bytes
 from shared.records import find_model
-from workers.data import decode_label, normalize, to_model_input
-from workers.models import ModelConfig, build_model
+from shared.shardfmt import Item
+from shared.spec import TABULAR_MODELS
+from workers.data import decode_label, normalize, to_model_input, wav_to_model_input
+from workers.digits import mnist_input
+from workers.models import ModelConfig, build_model, decode
+
+MAX_CLIP_BYTES = 64 * 1024 * 1024
 
 
 @dataclass
@@ -36,10 +41,14 @@ class Predictor:
     def load(cls, ref: str) -> Predictor:
         """Load the model named by ``ref`` (run id, dataset name or ``latest``).
 
-        Raises NotFound, or ArtifactError if the weights fail their hash check.
+        Raises NotFound; InputError for a model that does not read images or audio
+        (Iris); ArtifactError if the weights fail their hash check or do not load.
         """
         with session_scope() as s:
             row = find_model(s, ref)
+            if row.config.get("arch") in TABULAR_MODELS:
+                raise InputError(f"the model of run {row.run_id} classifies Iris rows; "
+                                 "predict reads images and audio clips")
             blob = read_verified(s, row.weights_sha256)
             cfg = ModelConfig.from_dict(row.config)
             run_id = row.run_id
@@ -51,21 +60,66 @@ class Predictor:
         model.eval()
         return cls(model, cfg, run_id)
 
+    def _image_input(self, im: Image.Image, name: str) -> torch.Tensor:
+        if self.cfg.preprocess == "mnist":
+            return torch.from_numpy(mnist_input(im, name))[None]
+        rgb = torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.uint8).copy())
+        return to_model_input(rgb.permute(2, 0, 1), self.cfg)
+
     @torch.no_grad()
+    def _read(self, x: torch.Tensor) -> list[tuple[str, float]]:
+        idx, conf = decode(self.model(normalize(x, self.cfg)), self.cfg)
+        return [(decode_label(i.tolist(), self.cfg.charset), float(c))
+                for i, c in zip(idx, conf, strict=True)]
+
     def read(self, images: list[Image.Image]) -> list[tuple[str, float]]:
-        """Return (text, confidence) per RGB image; confidence is the product of the
-        per-position softmax maxima."""
+        """Return (text, confidence) per image; confidence is the product of the chosen
+        characters' probabilities. Raises InputError for a model that reads audio, or
+        a digit image with no ink."""
+        if self.cfg.modality != "image":
+            raise InputError(f"the model of run {self.run_id} reads audio clips, not images")
         if not images:
             return []
-        x = torch.stack([
-            to_model_input(torch.from_numpy(np.asarray(im, dtype=np.uint8).copy())
-                           .permute(2, 0, 1), self.cfg)
-            for im in images
-        ])
-        probs = self.model(normalize(x, self.cfg)).softmax(-1)  # (B, L, C)
-        best, idx = probs.max(-1)
-        return [(decode_label(i.tolist(), self.cfg.charset), float(p.prod()))
-                for i, p in zip(idx, best, strict=True)]
+        return self._read(torch.stack([self._image_input(im, "image") for im in images]))
+
+    def read_clips(self, clips: list[bytes]) -> list[tuple[str, float]]:
+        """Return (text, confidence) per WAV clip. Raises InputError for a model that
+        reads images, or bytes that are not a PCM WAV."""
+        if self.cfg.modality != "audio":
+            raise InputError(f"the model of run {self.run_id} reads images, not audio clips")
+        if not clips:
+            return []
+        return self._read(torch.stack([wav_to_model_input(c, self.cfg) for c in clips]))
+
+    def read_items(self, items: list[Item]) -> list[tuple[str, float]]:
+        """Read shard items (the bytes a dataset stores) as ``read`` reads images.
+
+        Raises ArtifactError for an item that does not decode.
+        """
+        try:
+            if self.cfg.modality == "audio":
+                return self.read_clips([it.data for it in items])
+            return self.read([load_rgb_bytes(it.data, f"item {it.index}") for it in items])
+        except InputError as exc:
+            raise ArtifactError(f"shard item cannot be used: {exc}") from exc
+
+    def read_file(self, path: Path) -> tuple[str, float]:
+        """Read one image or WAV file, by the model's kind. Raises InputError."""
+        if self.cfg.modality != "audio":
+            im = load_rgb(path)
+            return self._read(self._image_input(im, str(path))[None])[0]
+        try:
+            size = path.stat().st_size
+            if size > MAX_CLIP_BYTES:
+                raise InputError(f"{path}: {size} bytes is beyond the clip size limit")
+            data = path.read_bytes()
+        except FileNotFoundError as exc:
+            raise InputError(f"{path}: no such file") from exc
+        except IsADirectoryError as exc:
+            raise InputError(f"{path}: is a directory") from exc
+        except OSError as exc:
+            raise InputError(f"{path}: cannot be read ({exc})") from exc
+        return self._read(wav_to_model_input(data, self.cfg, str(path))[None])[0]
 
 
 def predict_files(predictor: Predictor, paths: list[Path]) -> list[dict[str, Any]]:
@@ -73,7 +127,7 @@ def predict_files(predictor: Predictor, paths: list[Path]) -> list[dict[str, Any
     out: list[dict[str, Any]] = []
     for path in paths:
         try:
-            text, conf = predictor.read([load_rgb(path)])[0]
+            text, conf = predictor.read_file(path)
             out.append({"file": str(path), "text": text, "confidence": round(conf, 4)})
         except CaptrainError as exc:
             out.append({"file": str(path), "error": str(exc)})

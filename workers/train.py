@@ -19,7 +19,7 @@ from torch import nn
 
 from shared.errors import ConfigError
 from workers.data import normalize
-from workers.models import ModelConfig, build_model
+from workers.models import PAD, ModelConfig, build_model, decode
 from workers.shutdown import StopRequested
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
@@ -41,9 +41,31 @@ def pick_device(want: str = "auto") -> torch.device:
     return torch.device(want)
 
 
-def _loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def _loss(logits: torch.Tensor, y: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    if cfg.ctc:
+        # logits (B, T, C+1) with the blank at 0; y (B, L) padded with PAD.
+        log_probs = logits.float().log_softmax(-1).transpose(0, 1)  # (T, B, C+1)
+        lengths = (y != PAD).sum(1)
+        targets = (y[y != PAD] + 1).cpu()
+        steps = torch.full((len(y),), log_probs.shape[0], dtype=torch.long)
+        return F.ctc_loss(log_probs, targets, steps, lengths.cpu(), blank=0,
+                          zero_infinity=True)
     # logits (B, L, C), y (B, L): the sum over heads, averaged over the batch
-    return F.cross_entropy(logits.flatten(0, 1), y.flatten()) * y.shape[1]
+    return F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=PAD) * y.shape[1]
+
+
+def _hits(logits: torch.Tensor, y: torch.Tensor, cfg: ModelConfig
+          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(predictions (B, L), per-position hits (B, L), where the text has a char (B, L))."""
+    pred, _ = decode(logits, cfg)
+    y = y.cpu()
+    valid = y != PAD
+    return pred, (pred == y) & valid, valid
+
+
+def _char_acc(hit: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """(B,) fraction of each text's characters read right, by position."""
+    return hit.sum(1).float() / valid.sum(1).clamp(min=1).float()
 
 
 def train_one_epoch(
@@ -62,18 +84,18 @@ def train_one_epoch(
         x = normalize(x.to(device, non_blocking=True), cfg)
         y = y.to(device, non_blocking=True)
         logits = model(x)
-        loss = _loss(logits, y)
+        loss = _loss(logits, y, cfg)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
         with torch.no_grad():
-            hit = logits.argmax(-1) == y  # (B, L)
+            pred, hit, valid = _hits(logits, y, cfg)
             n = len(y)
             total += n
             loss_sum += loss.item() * n
-            char_ok += hit.float().mean(1).sum().item()
-            seq_ok += hit.all(1).sum().item()
+            char_ok += _char_acc(hit, valid).sum().item()
+            seq_ok += (pred == y.cpu()).all(1).sum().item()
         if on_batch is not None:
             on_batch(n)
     total = max(total, 1)
@@ -83,34 +105,54 @@ def train_one_epoch(
 @torch.no_grad()
 def evaluate(
     model: nn.Module, loader: Batches, device: torch.device, cfg: ModelConfig,
-    on_batch: Callable[[int], None] | None = None,
+    on_batch: Callable[[int], None] | None = None, confusion: bool = False,
 ) -> dict[str, Any]:
-    """Loss, per-character, per-position and whole-sequence accuracy over ``loader``."""
+    """Loss, per-character, per-position and whole-sequence accuracy over ``loader``.
+
+    With ``confusion``, also ``confusion``: per position, a C×C list of counts
+    (row: true class, column: predicted), and ``missing``: characters the model did
+    not emit at all (a CTC reading shorter than the text).
+    """
     model.eval()
     total = 0
-    loss_sum = 0.0
+    loss_sum = char_sum = 0.0
+    n_classes = len(cfg.charset)
     pos_ok = torch.zeros(cfg.length)
-    seq_ok = 0
+    pos_n = torch.zeros(cfg.length)
+    seq_ok = missing = 0
+    matrix = torch.zeros(cfg.length, n_classes, n_classes, dtype=torch.long)
     for x, y in loader:
         x = normalize(x.to(device, non_blocking=True), cfg)
         y = y.to(device, non_blocking=True)
         logits = model(x)
-        hit = (logits.argmax(-1) == y).cpu()
+        pred, hit, valid = _hits(logits, y, cfg)
+        yc = y.cpu()
         total += len(y)
-        loss_sum += _loss(logits, y).item() * len(y)
+        loss_sum += _loss(logits, y, cfg).item() * len(y)
+        char_sum += _char_acc(hit, valid).sum().item()
         pos_ok += hit.float().sum(0)
-        seq_ok += int(hit.all(1).sum())
+        pos_n += valid.float().sum(0)
+        seq_ok += int((pred == yc).all(1).sum())
+        if confusion:
+            emitted = valid & (pred != PAD)
+            missing += int((valid & (pred == PAD)).sum())
+            pos = torch.arange(cfg.length).expand_as(yc)[emitted]
+            flat = (pos * n_classes + yc[emitted]) * n_classes + pred[emitted]
+            matrix += torch.bincount(flat, minlength=matrix.numel()).view_as(matrix)
         if on_batch is not None:
             on_batch(len(y))
     n = max(total, 1)
-    per_pos = (pos_ok / n).tolist()
-    return {
+    out: dict[str, Any] = {
         "loss": loss_sum / n,
-        "char_acc": sum(per_pos) / len(per_pos),
+        "char_acc": char_sum / n,
         "seq_acc": seq_ok / n,
-        "per_position": per_pos,
+        "per_position": (pos_ok / pos_n.clamp(min=1)).tolist(),
         "count": total,
     }
+    if confusion:
+        out["confusion"] = matrix.tolist()
+        out["missing"] = missing
+    return out
 
 
 @dataclass
@@ -199,5 +241,5 @@ def fit(
             raise
         va = evaluate(model, val.epoch(0), device, cfg, on_batch)
         on_epoch(epoch + 1, tr, va, checkpoint(epoch + 1, 0))
-    result = evaluate(model, test.epoch(0), device, cfg, on_batch)
+    result = evaluate(model, test.epoch(0), device, cfg, on_batch, confusion=True)
     return FitResult(model=model, test=result, resumed_from=start if resume else None)

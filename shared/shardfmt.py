@@ -2,7 +2,7 @@
 
     manifest.json            {"format", "split", "start", "count", "labels", ...}
     00000000_0782.png        item ``start + 0``, labelled "0782"
-    00000001_5521.png        ...
+    00000001_5521.png        ... (.wav for audio captchas)
 
 Labels are in both the member names and the manifest; the reader checks that they
 agree. Packing is deterministic (fixed mtime, owner and order), so a shard's bytes,
@@ -24,9 +24,9 @@ from shared.errors import ArtifactError
 
 FORMAT = "captrain-shard/1"
 MEDIA_TYPE = "application/x-tar"
-# A member above this is not a captcha image; refuse before reading it into memory.
+# A member above this is not a captcha image or clip; refuse before reading it into memory.
 MAX_MEMBER_BYTES = 16 * 1024 * 1024
-_MEMBER = re.compile(r"^(\d{8,})_(.+)\.(png|jpg|jpeg)$")
+_MEMBER = re.compile(r"^(\d{8,})_(.+)\.(png|jpg|jpeg|wav)$")
 
 
 @dataclass(frozen=True)

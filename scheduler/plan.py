@@ -33,7 +33,17 @@ from shared.schema import (
     utcnow,
 )
 from shared.settings import get_settings
-from shared.spec import GenerateSpec, SplitSpec, TrainSpec, derive_seed, resolve_charset
+from shared.spec import (
+    TABULAR_MODELS,
+    GenerateSpec,
+    SplitSpec,
+    TrainSpec,
+    derive_seed,
+    resolve_charset,
+)
+
+AUDIO_SAMPLE_RATE = 8000  # captcha's AudioCaptcha writes 8 kHz clips
+IRIS = "iris"
 
 
 def _settings_record() -> dict[str, Any]:
@@ -73,9 +83,15 @@ def plan_generate(spec: GenerateSpec) -> tuple[int, list[int]]:
         job = Job(kind="generate", spec=spec.model_dump(), settings=_settings_record())
         s.add(job)
         s.flush()
+        audio = spec.kind == "audio"
+        meta: dict[str, Any] = {"min_length": spec.min_length} if spec.min_length else {}
+        if audio:
+            meta["sample_rate"] = AUDIO_SAMPLE_RATE
         ds = _new_dataset(
-            s, name=spec.name, kind="captcha", charset=spec.charset, length=spec.length,
-            width=spec.width, height=spec.height, count=spec.count, layout_job_id=job.id,
+            s, name=spec.name, kind="audio" if audio else "captcha", charset=spec.charset,
+            length=spec.length, width=0 if audio else spec.width,
+            height=0 if audio else spec.height, count=spec.count, layout_job_id=job.id,
+            meta=meta,
         )
         shards = [
             Shard(job_id=job.id, dataset_id=ds.id, index=i, split=split, start=start,
@@ -189,10 +205,41 @@ def plan_split(spec: SplitSpec) -> tuple[int, list[int]]:
         return job.id, [sh.index for sh in shards]
 
 
+def _builtin_dataset(session: Session, name: str) -> Dataset | None:
+    """The datasets that ship with the code (Iris, from scikit-learn), registered on
+    first use so that runs and models can point at a row."""
+    if name != IRIS:
+        return None
+    return _new_dataset(session, name=IRIS, kind="iris", status=READY, charset="",
+                        length=1, width=4, height=0, count=150,
+                        meta={"source": "sklearn.datasets.load_iris"})
+
+
+def check_model_fits(ds: Dataset, model: str) -> None:
+    """Raise SpecError when ``model`` cannot learn dataset ``ds``."""
+    if ds.kind == "iris" or model in TABULAR_MODELS:
+        if ds.kind != "iris" or model not in TABULAR_MODELS:
+            raise SpecError(f"model {model} does not fit dataset {ds.name} ({ds.kind}): "
+                            f"Iris takes {' or '.join(TABULAR_MODELS)}, images and audio "
+                            "take multihead, cnn, lenet or crnn")
+        return
+    shortest = ds.meta.get("min_length") or ds.length
+    if shortest != ds.length and model != "crnn":
+        raise SpecError(f"dataset {ds.name} holds texts of {shortest} to {ds.length} "
+                        f"characters; model {model} reads a fixed length: use --model crnn")
+
+
 def plan_train(spec: TrainSpec) -> tuple[int, int]:
     """Write the train job and run rows. Returns (run id, job id)."""
     with session_scope() as s:
-        ds = find_dataset(s, spec.dataset)
+        try:
+            ds = find_dataset(s, spec.dataset)
+        except NotFound:
+            found = _builtin_dataset(s, spec.dataset)
+            if found is None:
+                raise
+            ds = found
+        check_model_fits(ds, spec.model)
         if ds.status != READY:
             raise StateError(
                 f"dataset {ds.name} is {ds.status}, not ready"

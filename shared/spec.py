@@ -104,11 +104,17 @@ class Split(_Spec):
 DEFAULT_SPLIT = Split(train=0.8, val=0.1, test=0.1)
 
 
+# The characters captcha's AudioCaptcha has voices for.
+AUDIO_CHARS = string.digits + string.ascii_uppercase
+
+
 class GenerateSpec(_Spec):
-    kind: Literal["image"] = "image"
+    kind: Literal["image", "audio"] = "image"
     name: Name
     count: int = Field(ge=1, le=MAX_COUNT)
     length: int = Field(ge=1, le=32)
+    # Variable length: each text draws its length from min_length..length.
+    min_length: int | None = Field(None, ge=1, le=32)
     charset: str
     width: int = Field(160, ge=32, le=1024)
     height: int = Field(60, ge=16, le=512)
@@ -125,7 +131,14 @@ class GenerateSpec(_Spec):
     def _fits(self) -> GenerateSpec:
         if self.shard_size > self.count:
             raise ValueError(f"shard size {self.shard_size} is larger than count {self.count}")
-        if self.length * MIN_PX_PER_CHAR > self.width:
+        if self.min_length is not None and self.min_length > self.length:
+            raise ValueError(f"min_length {self.min_length} is above length {self.length}")
+        if self.kind == "audio":
+            missing = sorted(set(self.charset) - set(AUDIO_CHARS))
+            if missing:
+                raise ValueError(f"audio captchas have voices for digits and A-Z only, "
+                                 f"not {''.join(missing)!r}")
+        elif self.length * MIN_PX_PER_CHAR > self.width:
             raise ValueError(
                 f"{self.length} characters do not fit in {self.width} px "
                 f"(at most {self.width // MIN_PX_PER_CHAR})"
@@ -145,17 +158,22 @@ class SplitSpec(_Spec):
     source_job_id: int | None = None
 
 
+MODELS = ("multihead", "cnn", "lenet", "crnn", "logreg", "mlp")
+TABULAR_MODELS = ("logreg", "mlp")
+
+
 class TrainSpec(_Spec):
     dataset: Name
-    model: Literal["multihead"] = "multihead"
+    model: Literal["multihead", "cnn", "lenet", "crnn", "logreg", "mlp"] = "multihead"
     epochs: int = Field(6, ge=1, le=10_000)
     batch_size: int = Field(64, ge=1, le=8192)
     lr: float = Field(3e-3, gt=0, le=10)
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     seed: int = Field(0, ge=0, le=MAX_SEED)
     # The model sees the image scaled by this factor: 160x60 becomes 80x30, which
-    # reads 4 digits as well and trains four times faster on a CPU.
-    scale: float = Field(0.5, gt=0.05, le=1.0)
+    # reads 4 digits as well and trains four times faster on a CPU. None: the
+    # dataset kind's default (0.5 for captchas, 1 for 28x28 digits).
+    scale: float | None = Field(None, gt=0.05, le=1.0)
     # Hard limit in seconds; it must stay below CAPTRAIN_VISIBILITY_TIMEOUT (12 h by
     # default), or Redis would redeliver the message while the task still runs.
     time_limit: int = Field(12 * 3600 - 600, ge=10, le=30 * 24 * 3600, description="seconds")

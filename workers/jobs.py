@@ -14,7 +14,8 @@ import random
 import socket
 import time
 from collections import defaultdict
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy import select
@@ -39,6 +40,9 @@ from shared.schema import DONE, READY, RUNNING, Dataset, Job, Model, Run, Shard,
 from shared.spec import GenerateSpec, SplitSpec, TrainSpec
 from workers.shutdown import stop_requested
 
+if TYPE_CHECKING:
+    from workers.models import ModelConfig
+
 log = logging.getLogger(__name__)
 
 
@@ -61,10 +65,12 @@ def _store_shard(job_id: int, index: int, data: bytes, worker: str) -> str:
     return sha
 
 
-def generate_shard(job_id: int, index: int, worker: str, retry: int = 0) -> str | None:
+def generate_shard(job_id: int, index: int, worker: str, retry: int = 0,
+                   progress: Callable[[int, int], None] | None = None) -> str | None:
     """Render shard ``index`` of a generate job and store it. Returns its sha256, or
-    None if there was nothing to do (already done, or the job ended)."""
-    from workers.synth import render_items  # captcha is a worker-only dependency
+    None if there was nothing to do (already done, or the job ended). ``progress``,
+    if given, is called as ``progress(items_done, shard_count)`` while it renders."""
+    from workers.synth import render_audio_items, render_items  # worker-only deps
 
     if not start_shard(job_id, index, worker, count_attempt=retry == 0):
         # Done already (perhaps by a run killed before it could finish the job):
@@ -73,12 +79,17 @@ def generate_shard(job_id: int, index: int, worker: str, retry: int = 0) -> str 
         return None
     job, shard, _ = _load_shard_context(job_id, index)
     spec = GenerateSpec(**job.spec)
-    items = render_items(
-        shard.seed, shard.start, shard.count, spec.charset, spec.length, spec.width, spec.height
-    )
+    if spec.kind == "audio":
+        items = render_audio_items(shard.seed, shard.start, shard.count, spec.charset,
+                                   spec.length, progress=progress, min_length=spec.min_length)
+    else:
+        items = render_items(
+            shard.seed, shard.start, shard.count, spec.charset, spec.length, spec.width,
+            spec.height, progress=progress, min_length=spec.min_length,
+        )
     meta = {
-        "split": shard.split, "start": shard.start,
-        "charset": spec.charset, "length": spec.length,
+        "split": shard.split, "start": shard.start, "kind": spec.kind,
+        "charset": spec.charset, "length": spec.length, "min_length": spec.min_length,
         "width": spec.width, "height": spec.height, "seed": shard.seed,
     }
     return _store_shard(job_id, index, shardfmt.pack(items, meta), worker)
@@ -91,8 +102,11 @@ def split_permutation(n: int, seed: int) -> list[int]:
     return order
 
 
-def split_shard(job_id: int, index: int, worker: str, retry: int = 0) -> str | None:
-    """Build output shard ``index`` of a split job from the dataset's source shards."""
+def split_shard(job_id: int, index: int, worker: str, retry: int = 0,
+                progress: Callable[[int, int], None] | None = None) -> str | None:
+    """Build output shard ``index`` of a split job from the dataset's source shards.
+    ``progress``, if given, is called as ``progress(items_found, shard_count)`` after
+    each source shard read."""
     if not start_shard(job_id, index, worker, count_attempt=retry == 0):
         complete_if_done(job_id)
         return None
@@ -122,6 +136,8 @@ def split_shard(job_id: int, index: int, worker: str, retry: int = 0) -> str | N
             pos = wanted.get(it.index)
             if pos is not None:
                 picked[pos] = shardfmt.Item(shard.start + pos, it.label, it.data, it.ext)
+        if progress is not None:
+            progress(sum(p is not None for p in picked), shard.count)
     if any(p is None for p in picked):
         raise StateError(f"source shards of job {source_job} do not hold {total} items")
     meta = {
@@ -144,6 +160,41 @@ def _shards_by_split(dataset: Dataset) -> dict[str, list[tuple[str, int]]]:
         assert sha is not None  # done shards always carry their artifact
         out[split].append((sha, count))
     return out
+
+
+AUDIO_MELS = 32  # mel bands: the spectrogram's height
+# Samples per frame: 40 ms at 8 kHz. A spoken digit still spans 10-20 frames, and a
+# 17 s clip is 423 frames, which keeps a CPU epoch of audio affordable.
+AUDIO_HOP = 320
+AUDIO_CHANNELS = 16  # the trunk's width: a clip is 5x an 80x30 captcha's pixels
+
+
+def model_config(dataset: Dataset, spec: TrainSpec) -> ModelConfig:
+    """The model's input and output shape for ``dataset``, by its kind."""
+    from workers.audio import clip_frames
+    from workers.models import ModelConfig
+
+    common: dict[str, Any] = {
+        "charset": dataset.charset, "length": dataset.length, "arch": spec.model,
+        "min_length": dataset.meta.get("min_length") or 0,
+        "augment": getattr(spec, "augment", "none"),
+    }
+    if dataset.kind == "audio":
+        rate = int(dataset.meta.get("sample_rate", 8000))
+        return ModelConfig(
+            **common, in_height=AUDIO_MELS,
+            in_width=clip_frames(dataset.length, rate, AUDIO_HOP),
+            image_height=0, image_width=0, modality="audio", sample_rate=rate,
+            n_mels=AUDIO_MELS, hop=AUDIO_HOP, channels=AUDIO_CHANNELS,
+        )
+    scale = spec.scale or (1.0 if dataset.kind == "mnist" else 0.5)
+    return ModelConfig(
+        **common,
+        in_height=max(8, round(dataset.height * scale)),
+        in_width=max(8, round(dataset.width * scale)),
+        image_height=dataset.height, image_width=dataset.width,
+        preprocess="mnist" if dataset.kind == "mnist" else "resize",
+    )
 
 
 HELD = {"held": True}  # train_run's answer when another live process holds the run
@@ -171,11 +222,8 @@ def train_run(run_id: int, worker: str, progress: Any = None) -> dict[str, Any] 
 
 
 def _train_leased(run_id: int, owner: str, worker: str, progress: Any) -> dict[str, Any] | None:
-    import safetensors.torch
-
     from workers import checkpoint
     from workers.data import ShardLoader
-    from workers.models import ModelConfig
     from workers.train import fit, pick_device
 
     with session_scope() as s:
@@ -193,12 +241,9 @@ def _train_leased(run_id: int, owner: str, worker: str, progress: Any) -> dict[s
         ckpt_sha = run.checkpoint_sha256
         resume = checkpoint.loads(read_verified(s, ckpt_sha)) if ckpt_sha is not None else None
 
-    cfg = ModelConfig(
-        charset=dataset.charset, length=dataset.length,
-        in_height=max(8, round(dataset.height * spec.scale)),
-        in_width=max(8, round(dataset.width * spec.scale)),
-        image_height=dataset.height, image_width=dataset.width, arch=spec.model,
-    )
+    if dataset.kind == "iris":
+        return _train_tabular(run_id, owner, spec, dataset.id)
+    cfg = model_config(dataset, spec)
     splits = _shards_by_split(dataset)
     for name in ("train", "val", "test"):
         if not splits.get(name):
@@ -261,25 +306,56 @@ def _train_leased(run_id: int, owner: str, worker: str, progress: Any) -> dict[s
         should_stop=stop_requested, on_interrupt=on_interrupt,
         interrupts=(SoftTimeLimitExceeded,),
     )
+    _finish_run(run_id, owner, dataset.id, result.model, cfg.to_dict(), spec.epochs,
+                result.test, result.resumed_from)
+    return result.test
+
+
+def _finish_run(run_id: int, owner: str, dataset_id: int, model: Any, config: dict[str, Any],
+                epoch: int, test: dict[str, Any], resumed_from: int | None = None) -> None:
+    """Store the model's weights (safetensors) and config, the test metrics, and mark
+    the run and its job done, in one transaction."""
+    import safetensors.torch
+
     weights = safetensors.torch.save(
-        {k: v.detach().cpu().contiguous() for k, v in result.model.state_dict().items()},
-        metadata={"config": json.dumps(cfg.to_dict())},
+        {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+        metadata={"config": json.dumps(config)},
     )
     with session_scope() as s:
         heartbeat(s, run_id, owner)
         sha = put_bytes(s, weights, "application/vnd.captrain.model+safetensors")
-        upsert_metrics(s, run_id, spec.epochs, "test", result.test)
+        upsert_metrics(s, run_id, epoch, "test", test)
         s.execute(
             insert_for(s)(Model)
-            .values(run_id=run_id, dataset_id=dataset.id, weights_sha256=sha,
-                    config=cfg.to_dict(), metrics=result.test, created_at=utcnow())
+            .values(run_id=run_id, dataset_id=dataset_id, weights_sha256=sha,
+                    config=config, metrics=test, created_at=utcnow())
             .on_conflict_do_nothing(index_elements=["run_id"])
         )
         r = s.get(Run, run_id)
-        j = s.get(Job, job.id)
-        assert r is not None and j is not None
-        if result.resumed_from is not None and r.resumed_from is None:
-            r.resumed_from = result.resumed_from
+        assert r is not None
+        j = s.get(Job, r.job_id)
+        assert j is not None
+        if resumed_from is not None and r.resumed_from is None:
+            r.resumed_from = resumed_from
         r.status = j.status = DONE
         r.finished_at = j.finished_at = utcnow()
-    return result.test
+
+
+def _train_tabular(run_id: int, owner: str, spec: TrainSpec, dataset_id: int
+                   ) -> dict[str, Any]:
+    """Iris: stratified 5-fold cross-validation, one val metric row per fold, then a
+    final model on all rows. Seconds of work, so no checkpoints."""
+    from workers import tabular
+
+    table = tabular.load_iris()
+    cv = tabular.cross_validate(spec.model, table, k=5, seed=spec.seed)
+    with session_scope() as s:
+        for i, acc in enumerate(cv["folds"], start=1):
+            upsert_metrics(s, run_id, i, "val", {"acc": acc})
+    model, mean, std = tabular.fit(spec.model, table.x, table.y, len(table.classes), spec.seed)
+    config = {"arch": spec.model, "features": table.features, "classes": table.classes,
+              "mean": mean.tolist(), "std": std.tolist()}
+    test = {"cv_acc": cv["cv_acc"], "cv_std": cv["cv_std"], "folds": cv["k"],
+            "fold_acc": cv["folds"]}
+    _finish_run(run_id, owner, dataset_id, model, config, cv["k"], test)
+    return test

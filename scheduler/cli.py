@@ -104,6 +104,15 @@ def _finish(job_id: int, wait: bool, as_json: bool) -> None:
         console.print(f"job {job_id} submitted; follow it with `captrain watch {job_id}`")
 
 
+def _test_line(t: dict[str, Any]) -> str:
+    """A run's test result in words: cross-validated accuracy for Iris, whole-sequence
+    and per-character accuracy for everything read as text."""
+    if "cv_acc" in t:
+        return (f"cross-validated accuracy {t['cv_acc']:.4f} ± {t['cv_std']:.4f} "
+                f"over {t['folds']} folds")
+    return f"test seq_acc {t['seq_acc']:.4f}, char_acc {t['char_acc']:.4f}"
+
+
 def _summary(detail: dict[str, Any], final: str, took: float) -> str:
     """The closing line of a followed job: what it made, how fast, or why it stopped."""
     line = f"job {detail['id']} {detail['kind']} {final} after {took:.1f}s"
@@ -113,8 +122,7 @@ def _summary(detail: dict[str, Any], final: str, took: float) -> str:
         line += (f": {detail['shards_done']}/{detail['shards']} shards, {items} items "
                  f"({items / max(took, 1e-9):.0f}/s) by {workers} worker(s)")
     if "run" in detail and detail["run"]["test"]:
-        t = detail["run"]["test"]
-        line += f": test seq_acc {t['seq_acc']:.4f}, char_acc {t['char_acc']:.4f}"
+        line += f": {_test_line(detail['run']['test'])}"
     if detail.get("error"):
         line += f": {detail['error']}"
     return line
@@ -256,7 +264,12 @@ def flower(
 def generate(
     name: Annotated[str, typer.Option(help="Dataset name.")],
     count: Annotated[int, typer.Option(help="Number of captchas.")],
-    length: Annotated[int, typer.Option(help="Characters per captcha.")] = 4,
+    kind: Annotated[str, typer.Option(
+        help="image (PNG) or audio (8 kHz WAV, digits and A-Z voices).")] = "image",
+    length: Annotated[int, typer.Option(help="Characters per captcha (the most).")] = 4,
+    min_length: Annotated[int | None, typer.Option(
+        help="Fewest characters: lengths vary from this to --length (train with crnn).")
+    ] = None,
     charset: Annotated[str, typer.Option(
         help="digits, upper, lower, alnum, digits-upper, or the characters.")] = "digits",
     width: Annotated[int, typer.Option(help="Image width, px.")] = 160,
@@ -267,11 +280,12 @@ def generate(
     wait: WaitOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Synthesize a captcha dataset across the cpu workers."""
+    """Synthesize an image or audio captcha dataset across the cpu workers."""
     from scheduler.plan import plan_generate
     from scheduler.submit import enqueue_shards
 
-    spec = validate(GenerateSpec, name=name, count=count, length=length, charset=charset,
+    spec = validate(GenerateSpec, name=name, count=count, kind=kind, length=length,
+                    min_length=min_length, charset=charset,
                     width=width, height=height, shard_size=shard_size, seed=seed,
                     split=Split.parse(split))
     job_id, indices = plan_generate(spec)
@@ -301,6 +315,35 @@ def import_(
                       f"split it with `captrain shard --dataset {name}`")
 
 
+@app.command("import-mnist")
+def import_mnist(
+    folder: Annotated[Path, typer.Argument(
+        help="Folder with the four MNIST IDX files, gzipped or raw.")],
+    name: Annotated[str, typer.Option(help="Dataset name.")] = "mnist",
+    shard_size: Annotated[int, typer.Option(help="Digits per shard.")] = 1000,
+    val_fraction: Annotated[float, typer.Option(
+        help="Tail of the train file kept as the val split.")] = 0.1,
+    as_json: JsonOpt = False,
+) -> None:
+    """Import MNIST (train-images-idx3-ubyte ... t10k-labels-idx1-ubyte) ready to train."""
+    from scheduler.mnist import plan_mnist, scan_mnist
+
+    validate(SplitSpec, dataset=name, shard_size=shard_size)
+    files = scan_mnist(folder)
+    with Progress(console=err_console, disable=as_json) as bar:
+        task = bar.add_task(f"importing {folder}", total=files.count)
+        job_id = plan_mnist(files, folder, name, shard_size, val_fraction,
+                            lambda n: bar.advance(task, n))
+    if as_json:
+        _emit({"job": job_id, "dataset": name, "train": files.train_images.count,
+               "test": files.test_images.count}, True)
+    else:
+        console.print(f"imported {files.train_images.count} train and "
+                      f"{files.test_images.count} test digits as dataset {name} "
+                      f"(job {job_id}); train it with `captrain train --dataset {name} "
+                      "--model cnn`")
+
+
 @app.command()
 def shard(
     dataset: Annotated[str, typer.Option(help="Imported dataset to split.")],
@@ -324,19 +367,23 @@ def shard(
 @app.command()
 def train(
     dataset: Annotated[str, typer.Option(help="Dataset name.")],
-    model: Annotated[str, typer.Option(help="Architecture.")] = "multihead",
+    model: Annotated[str, typer.Option(
+        help="multihead, crnn (CTC, any length), cnn or lenet (digits), "
+             "logreg or mlp (Iris).")] = "multihead",
     epochs: Annotated[int, typer.Option(help="Passes over the train split.")] = 6,
     batch_size: Annotated[int, typer.Option(help="Samples per step.")] = 64,
     lr: Annotated[float, typer.Option(help="Peak learning rate (one-cycle).")] = 3e-3,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")] = "auto",
     seed: Annotated[int, typer.Option(help="Seed of init and data order.")] = 0,
-    scale: Annotated[float, typer.Option(help="Image scale the model sees.")] = 0.5,
+    scale: Annotated[float | None, typer.Option(
+        help="Image scale the model sees [default: 0.5 for captchas, 1 for digits].")
+    ] = None,
     time_limit: Annotated[int, typer.Option(
         help="Hard limit, seconds; below CAPTRAIN_VISIBILITY_TIMEOUT.")] = 12 * 3600 - 600,
     wait: WaitOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Train a recognizer on the gpu queue."""
+    """Train a recognizer on the gpu queue (captchas, audio, MNIST or Iris)."""
     from scheduler.plan import plan_train
     from scheduler.submit import enqueue_train
 
@@ -360,11 +407,12 @@ def train(
 
 @app.command()
 def predict(
-    files: Annotated[list[Path], typer.Argument(help="Images to read.")],
+    files: Annotated[list[Path], typer.Argument(
+        help="Images (captchas, digit photos) or WAV clips, as the model reads.")],
     model: Annotated[str, typer.Option(help="Run id, dataset name or latest.")] = "latest",
     as_json: JsonOpt = False,
 ) -> None:
-    """Print the text read from each image."""
+    """Print the text read from each image or clip, with its confidence."""
     try:
         from workers.predict import Predictor, predict_files
     except ImportError as exc:
@@ -378,7 +426,8 @@ def predict(
     else:
         for r in results:
             if "error" in r:
-                err_console.print(f"[red]error:[/red] {r['error']}", highlight=False)
+                err_console.print(f"[red]error:[/red] {r['error']}", highlight=False,
+                                  soft_wrap=True)
             else:
                 console.print(f"{r['file']}\t{r['text']}\t{r['confidence']:.3f}",
                               highlight=False)
@@ -497,11 +546,12 @@ def _show_run(d: dict[str, Any]) -> None:
     if d["per_epoch"]:
         _emit(d["per_epoch"], False, ["epoch", "train_loss", "train_seq_acc", "val_loss",
                                       "val_char_acc", "val_seq_acc"], "epochs")
-    if d["test"]:
-        t = d["test"]
-        console.print(f"test: seq_acc {t['seq_acc']:.4f} char_acc {t['char_acc']:.4f} "
-                      f"per position {[round(p, 4) for p in t['per_position']]} "
-                      f"({t['count']} images)")
+    t = d["test"]
+    if t and "cv_acc" in t:
+        console.print(f"{_test_line(t)}; per fold {[round(a, 4) for a in t['fold_acc']]}")
+    elif t:
+        console.print(f"{_test_line(t)}, per position "
+                      f"{[round(p, 4) for p in t['per_position']]} ({t['count']} items)")
 
 
 @app.command()
@@ -560,6 +610,100 @@ def demo(
     from scheduler.demo import run_demo
 
     run_demo(console, quick=quick, count=count, epochs=epochs)
+
+
+# --- analysis: explore and report -------------------------------------------------
+
+OutOpt = Annotated[Path | None, typer.Option(
+    "--out", help="Folder to write the files into (created if missing).")]
+
+
+@app.command()
+def explore(
+    dataset: Annotated[str, typer.Argument(help="Dataset to explore: iris.")],
+    out: OutOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Statistics and plots of a dataset (iris), computed on a cpu worker; waits for it.
+
+    Per attribute, overall and per class: min, max, mean, sample sd and variance
+    (ddof=1), and the 10/25/50/75/90th percentiles; also the sample covariance.
+    --out DIR writes sepal-scatter.png, pairplot.png, stats.csv and covariance.csv.
+    """
+    from scheduler import analysis
+
+    analysis.check_out_dir(out)
+    job_id = analysis.plan_explore(dataset)
+    analysis.enqueue("explore", job_id)
+    analysis.wait(job_id, err_console, quiet=as_json)
+    result = analysis.fetch(job_id)
+    written = analysis.write_files(out, result.files) if out is not None else []
+    if as_json:
+        _emit({"job": job_id, **result.summary, "files": sorted(result.files),
+               "written": [str(p) for p in written]}, True)
+        return
+    _show_explore(result.summary)
+    where = f"; wrote {len(written)} files to {out}" if written else ""
+    console.print(f"job {job_id}: {result.summary['n']} rows of {dataset}{where}",
+                  highlight=False)
+
+
+def _show_explore(summary: dict[str, Any]) -> None:
+    # One table per attribute, statistics down and classes across: it fits 80 columns.
+    labels = {"min": "min", "max": "max", "mean": "mean", "sample_sd": "sd (sample, ddof=1)",
+              "sample_var": "var (sample, ddof=1)"}
+    classes = ["all", *summary["classes"]]
+    for attr in summary["attributes"]:
+        by_class = {r["class"]: r for r in summary["stats"] if r["attribute"] == attr}
+        stats = [c for c in by_class["all"] if c not in ("attribute", "class")]
+        rows = [{"statistic": labels.get(st, f"{st[1:]}th percentile"),
+                 **{c: by_class[c][st] for c in classes}} for st in stats]
+        _emit(rows, False, ["statistic", *classes], f"{summary['dataset']}: {attr}")
+    cov = summary["covariance"]
+    names = [a.removesuffix(" (cm)") for a in cov["attributes"]]
+    _emit([{"": a, **dict(zip(names, row, strict=True))}
+           for a, row in zip(names, cov["matrix"], strict=True)], False, ["", *names],
+          "sample covariance (ddof=1), cm²")
+    console.print("percentiles interpolate linearly between order statistics (R type 7)",
+                  highlight=False)
+
+
+@app.command()
+def report(
+    run_id: Annotated[str, typer.Argument(help="Id of a finished training run.")],
+    out: Annotated[Path, typer.Option(
+        "--out", help="Folder for index.html and its PNGs (created if missing).")],
+    limit: Annotated[int, typer.Option(
+        help="Test items to read, at most (the first ones, in shard order).")] = 1000,
+    as_json: JsonOpt = False,
+) -> None:
+    """Training curves, a grid of test predictions and per-position confusion
+    matrices of a finished run, with an index.html; rendered on a cpu worker."""
+    from scheduler import analysis
+
+    rid = _parse_id(run_id, "run")
+    analysis.check_out_dir(out)
+    job_id = analysis.plan_report(rid, limit)
+    analysis.enqueue("report", job_id)
+    analysis.wait(job_id, err_console, quiet=as_json)
+    result = analysis.fetch(job_id)
+    written = analysis.write_files(out, result.files)
+    s = result.summary
+    if as_json:
+        # The confusion matrices are in summary.json in the folder; a script reading
+        # this line wants the headline numbers and where the files went.
+        _emit({"job": job_id, **{k: v for k, v in s.items() if k != "confusion"},
+               "out": str(out), "files": [p.name for p in written]}, True)
+        return
+    console.print(
+        f"report of run {rid} ({s['dataset']}): {s['evaluated']} of {s['test_items']} test "
+        f"items, seq_acc {s['seq_acc']:.4f}, char_acc {s['char_acc']:.4f}, "
+        f"{s['length_mismatch']} length mismatches; open {out / 'index.html'}",
+        highlight=False)
+
+
+
+# --- end of analysis ---------------------------------------------------------------
 
 
 def main() -> None:

@@ -15,9 +15,8 @@ from typing import Any
 from rich.console import Console
 from sqlalchemy import select
 
-from scheduler.submit import _send
+from scheduler.submit import enqueue_analysis
 from shared.artifacts import read_verified
-from shared.celery_app import EXPLORE, REPORT, app
 from shared.db import session_scope
 from shared.errors import CaptrainError, InputError, NotFound, SpecError, StateError
 from shared.schema import DONE, Analysis, Dataset, Job, Model, Run
@@ -29,7 +28,6 @@ EXPLORE_DATASETS = ("iris",)
 # Test items a report reads by default, and at most: a report is a look, not a
 # re-evaluation of a million-item test split.
 REPORT_LIMIT, REPORT_LIMIT_MAX = 1000, 100_000
-TASKS = {"explore": EXPLORE, "report": REPORT}
 
 
 @dataclass
@@ -106,8 +104,7 @@ def plan_report(run_id: int, limit: int = REPORT_LIMIT) -> int:
 
 def enqueue(kind: str, job_id: int) -> None:
     """Send the explore or report task of ``job_id``. Raises BrokerUnavailable."""
-    _send(lambda: app.send_task(TASKS[kind], args=(job_id,),
-                                argsrepr=f"job {job_id} {kind}", kwargsrepr="{}"), job_id)
+    enqueue_analysis(kind, job_id)
 
 
 def wait(job_id: int, console: Console, quiet: bool = False) -> None:

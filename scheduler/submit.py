@@ -14,13 +14,16 @@ from kombu.exceptions import OperationalError as KombuOperationalError
 from redis.exceptions import RedisError
 from sqlalchemy import select
 
-from shared.celery_app import GENERATE_SHARD, SPLIT_SHARD, TRAIN, app
+from shared.celery_app import EXPLORE, GENERATE_SHARD, REPORT, SPLIT_SHARD, TRAIN, app
 from shared.db import session_scope
 from shared.errors import BrokerUnavailable
-from shared.records import complete_if_done
+from shared.records import complete_if_analysed, complete_if_done
 from shared.schema import DONE, PENDING, RUNNING, Job, Run, Shard
 
 SHARD_TASKS = {"generate": GENERATE_SHARD, "split": SPLIT_SHARD}
+# Jobs that are one task, with no shard or run rows: the task's result is their
+# `analyses` row.
+ANALYSIS_TASKS = {"explore": EXPLORE, "report": REPORT}
 
 
 def _send(fn: Any, job_id: int) -> None:
@@ -34,7 +37,15 @@ def _send(fn: Any, job_id: int) -> None:
 
 
 def enqueue_shards(kind: str, job_id: int, indices: Iterable[int]) -> int:
-    """Send one shard task per index as a group. Returns how many were sent."""
+    """Send one shard task per index as a group. Returns how many were sent.
+
+    An explore or report job has no shards: its one task is sent instead, whatever
+    ``indices`` holds, so that ``captrain retry`` re-runs a reopened job of any kind
+    but train through here. Raises BrokerUnavailable.
+    """
+    if kind in ANALYSIS_TASKS:
+        enqueue_analysis(kind, job_id)
+        return 1
     name = SHARD_TASKS[kind]
     indices = list(indices)
     # argsrepr is what Flower and `captrain workers` show instead of the bare ids.
@@ -62,11 +73,19 @@ def enqueue_train(run_id: int, job_id: int, time_limit: int) -> None:
     )
 
 
+def enqueue_analysis(kind: str, job_id: int) -> None:
+    """Send the explore or report task of ``job_id``. Raises BrokerUnavailable."""
+    _send(lambda: app.send_task(ANALYSIS_TASKS[kind], args=(job_id,),
+                                argsrepr=f"job {job_id} {kind}", kwargsrepr="{}"), job_id)
+
+
 def reconcile() -> dict[str, int]:
     """Re-send the messages of every unfinished job, from what SQL holds.
 
     Safe to run at any time: tasks are idempotent, so a message that was not lost
-    only causes a no-op second run. Returns counts of re-sent shards and runs.
+    only causes a no-op second run. Returns counts of re-sent shards, runs and
+    analyses (explore and report tasks). An explore or report job whose analysis is
+    stored already is complete: it is marked done, not run again.
     """
     with session_scope() as s:
         jobs = s.execute(
@@ -74,6 +93,7 @@ def reconcile() -> dict[str, int]:
         ).all()
         shard_work: dict[int, tuple[str, list[int]]] = {}
         runs: list[tuple[int, int, int]] = []
+        analyses: list[tuple[int, str]] = []
         for job_id, kind, spec in jobs:
             if kind in SHARD_TASKS:
                 idx = s.execute(
@@ -86,7 +106,9 @@ def reconcile() -> dict[str, int]:
                 run = s.execute(select(Run).where(Run.job_id == job_id)).scalar_one()
                 if run.status != DONE:
                     runs.append((run.id, job_id, int(spec.get("time_limit", 86400))))
-    sent = {"shards": 0, "runs": 0}
+            elif kind in ANALYSIS_TASKS:
+                analyses.append((job_id, kind))
+    sent = {"shards": 0, "runs": 0, "analyses": 0}
     for job_id, (kind, idx) in shard_work.items():
         if not idx:
             # Every shard done but the job not marked: its last worker died between
@@ -96,4 +118,8 @@ def reconcile() -> dict[str, int]:
     for run_id, job_id, limit in runs:
         enqueue_train(run_id, job_id, limit)
         sent["runs"] += 1
+    for job_id, kind in analyses:
+        if not complete_if_analysed(job_id):
+            enqueue_analysis(kind, job_id)
+            sent["analyses"] += 1
     return sent

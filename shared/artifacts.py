@@ -13,15 +13,15 @@ import hashlib
 import io
 import tempfile
 from collections.abc import Iterator
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
-from sqlalchemy import select
+from sqlalchemy import Column, delete, exists, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from shared.db import insert_for
 from shared.errors import ArtifactError
-from shared.schema import Artifact, ArtifactChunk
+from shared.schema import Artifact, ArtifactChunk, Base
 from shared.settings import get_settings
 
 
@@ -109,20 +109,28 @@ def read_verified(session: Session, sha256: str) -> bytes:
     return b"".join(iter_chunks(session, sha256))
 
 
+def referencing_columns() -> list[Column[Any]]:
+    """Every column that holds artifact keys: each foreign key to ``artifacts.sha256``
+    but the artifact's own chunks.
+
+    Read from the schema rather than listed by hand, so that a table added later (as
+    ``analysis_files`` was) can never hold a key to an artifact that gets deleted.
+    """
+    chunks = ArtifactChunk.__table__
+    key = Artifact.__table__.c.sha256
+    return [fk.parent for table in Base.metadata.sorted_tables if table is not chunks
+            for fk in table.foreign_keys if fk.column is key]
+
+
 def delete_if_unreferenced(session: Session, sha256: str) -> bool:
-    """Delete an artifact that no shard, run checkpoint or model points at any more.
+    """Delete an artifact that no row points at any more: no shard, run checkpoint,
+    model or analysis file (see :func:`referencing_columns`).
 
     Returns True if it was deleted. Content addressing means two rows may share one
     artifact, so the check looks at every table that holds artifact keys.
     """
-    from sqlalchemy import delete, exists, or_
-
-    from shared.schema import Model, Run, Shard
-
     used = session.execute(select(or_(
-        exists().where(Shard.sha256 == sha256),
-        exists().where(Run.checkpoint_sha256 == sha256),
-        exists().where(Model.weights_sha256 == sha256),
+        *(exists().where(column == sha256) for column in referencing_columns())
     ))).scalar()
     if used:
         return False

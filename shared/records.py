@@ -24,6 +24,7 @@ from shared.schema import (
     PENDING,
     READY,
     RUNNING,
+    Analysis,
     Dataset,
     Job,
     Metric,
@@ -33,7 +34,8 @@ from shared.schema import (
     utcnow,
 )
 
-# A shard or run whose worker died this many times is poison: mark it failed.
+# A shard, run or one-task job (explore, report) whose worker died this many times is
+# poison: mark it failed.
 MAX_ATTEMPTS = 5
 # Seconds without a heartbeat after which a run on another host may be taken over.
 # Heartbeats come every HEARTBEAT_SECONDS while training.
@@ -72,6 +74,53 @@ def start_shard(job_id: int, index: int, worker: str, count_attempt: bool = True
             return True
     fail_job(job_id, f"shard {index} gave up after {attempts} attempts", index)
     return False
+
+
+def start_job(job_id: int, kind: str, count_attempt: bool = True) -> dict[str, Any] | None:
+    """Record an attempt at a job that is one task (explore, report); mark it running.
+
+    Returns the job's spec, or None if there is nothing to do: the job has ended, or it
+    has used up its ``MAX_ATTEMPTS`` (then it is marked failed: a message that kills
+    its worker each time, redelivered under late acks, must not loop). A Celery retry
+    after a transient error is not a new attempt (``count_attempt``). Raises NotFound
+    for an unknown job, StateError for a job of another kind.
+    """
+    with session_scope() as s:
+        job = s.get(Job, job_id)
+        if job is None:
+            raise NotFound(f"no job {job_id}")
+        if job.kind != kind:
+            raise StateError(f"job {job_id} is a {job.kind} job, not {kind}")
+        if job.status in (DONE, CANCELLED, FAILED):
+            return None
+        attempts = job.attempts
+        # A Celery retry goes on with an attempt already admitted: it is not judged
+        # against the limit again.
+        if attempts < MAX_ATTEMPTS or not count_attempt:
+            spec = dict(job.spec)
+            # Atomic increment: two deliveries at once must both be counted.
+            s.execute(update(Job).where(Job.id == job_id).values(
+                attempts=Job.attempts + int(count_attempt), status=RUNNING))
+            return spec
+    fail_job(job_id, f"{kind} gave up after {attempts} attempts: none of them finished "
+                     "(each worker was killed or lost mid-task)")
+    return None
+
+
+def complete_if_analysed(job_id: int) -> bool:
+    """Mark an explore or report job done if its analysis is stored. Returns True when
+    it has one (the job is then done, now or already).
+
+    The worker stores the analysis and marks the job done in one transaction, so an
+    unfinished job with an analysis is a corner (a retry of a job failed while a slow
+    attempt was storing it); it is complete all the same, and is not run again.
+    """
+    with session_scope() as s:
+        if s.execute(select(Analysis.id).where(Analysis.job_id == job_id)).first() is None:
+            return False
+        s.execute(update(Job).where(Job.id == job_id, Job.status != DONE)
+                  .values(status=DONE, error=None, finished_at=utcnow()))
+        return True
 
 
 def _rowcount(result: Any) -> int:
@@ -261,8 +310,9 @@ def reopen_job(job_id: int) -> tuple[str, list[int], int | None]:
     """Make a failed or cancelled job runnable again, from where it stopped.
 
     Returns (kind, shard indices to send, run id to send). Done shards stay done and a
-    run keeps its checkpoint. Raises NotFound, or StateError for a job that did not end
-    badly.
+    run keeps its checkpoint; attempts start again from zero. An explore or report job
+    has neither shards nor a run: its one task is what the caller sends again. Raises
+    NotFound, or StateError for a job that did not end badly.
     """
     with session_scope() as s:
         job = s.get(Job, job_id)
@@ -271,7 +321,7 @@ def reopen_job(job_id: int) -> tuple[str, list[int], int | None]:
         if job.status not in (FAILED, CANCELLED):
             raise StateError(f"job {job_id} is {job.status}; only failed or cancelled jobs "
                              "are retried")
-        job.status, job.error, job.finished_at = PENDING, None, None
+        job.status, job.error, job.finished_at, job.attempts = PENDING, None, None, 0
         idx = list(s.execute(
             select(Shard.index).where(Shard.job_id == job_id, Shard.status != DONE)
         ).scalars())

@@ -52,7 +52,7 @@ SPLITS = ("train", "val", "test")
 
 
 class Job(Base):
-    """One user request: generate, import, split or train."""
+    """One user request: generate, import, split, train, explore or report."""
 
     __tablename__ = "jobs"
 
@@ -64,6 +64,10 @@ class Job(Base):
     # to what produced it.
     settings: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     error: Mapped[str | None] = mapped_column(Text, default=None)
+    # Deliveries of the task of a job that is one task (explore, report), counted so
+    # that a message that kills its worker each time ends failed; jobs made of shards
+    # or a run count on those rows instead.
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), default=None)
 

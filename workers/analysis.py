@@ -6,7 +6,9 @@ job) with its ``analysis_files`` rows pointing at content-addressed artifacts.
 
 A message may be delivered twice (late acks), so each function reads the job first
 and does nothing for a job that has ended, and the final write is an upsert on the
-job's unique analysis: a second run leaves the same rows.
+job's unique analysis: a second run leaves the same rows. Each delivery counts as an
+attempt on the job row (``shared.records.start_job``): after ``MAX_ATTEMPTS`` that
+never finished, the job is failed instead of being run again.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from shared import shardfmt
 from shared.artifacts import put_bytes, read_verified
 from shared.db import insert_for, session_scope
 from shared.errors import NotFound, StateError
+from shared.records import start_job
 from shared.schema import (
     CANCELLED,
     DONE,
@@ -41,23 +44,6 @@ log = logging.getLogger(__name__)
 MEDIA_TYPES = {".png": "image/png", ".html": "text/html", ".csv": "text/csv",
                ".json": "application/json"}
 PREDICT_BATCH = 256  # items per forward pass: bounds memory on large test splits
-
-
-def _begin(job_id: int, kind: str) -> dict[str, Any] | None:
-    """Mark the job running and return its spec, or None if it has ended already.
-
-    Raises NotFound for an unknown job, StateError for a job of another kind.
-    """
-    with session_scope() as s:
-        job = s.get(Job, job_id)
-        if job is None:
-            raise NotFound(f"no job {job_id}")
-        if job.kind != kind:
-            raise StateError(f"job {job_id} is a {job.kind} job, not {kind}")
-        if job.status in (DONE, CANCELLED, FAILED):
-            return None
-        job.status = RUNNING
-        return dict(job.spec)
 
 
 def _media_type(name: str) -> str:
@@ -90,15 +76,17 @@ def store_analysis(job_id: int, kind: str, subject: str, summary: dict[str, Any]
         return analysis.id
 
 
-def run_explore(job_id: int) -> int | None:
+def run_explore(job_id: int, retry: int = 0) -> int | None:
     """Explore the dataset named by explore job ``job_id``; store the result.
 
-    Returns the analysis id, or None if the job had ended. Raises NotFound for an
-    unknown job, SpecError for a dataset that cannot be explored.
+    ``retry`` is the Celery retry count: a retry after a transient error is not a new
+    attempt. Returns the analysis id, or None if the job had ended or used up its
+    attempts. Raises NotFound for an unknown job, SpecError for a dataset that cannot
+    be explored.
     """
     from workers.explore import explore  # matplotlib and scikit-learn load on demand
 
-    spec = _begin(job_id, "explore")
+    spec = start_job(job_id, "explore", count_attempt=retry == 0)
     if spec is None:
         return None
     result = explore(str(spec["dataset"]))
@@ -130,18 +118,19 @@ def _test_items(layout_job_id: int | None, limit: int) -> tuple[list[shardfmt.It
     return items[:limit], sum(c for _, c in shards)
 
 
-def run_report(job_id: int) -> int | None:
+def run_report(job_id: int, retry: int = 0) -> int | None:
     """Report on the run named by report job ``job_id``: curves from its metrics,
     predictions of its test items by its stored model; store the result.
 
-    Returns the analysis id, or None if the job had ended. Raises NotFound for an
+    ``retry`` is as for :func:`run_explore`. Returns the analysis id, or None if the
+    job had ended or used up its attempts. Raises NotFound for an
     unknown job or run, StateError for a run that is not done or a dataset without
     test shards, ArtifactError for a stored shard or model that fails its check.
     """
     from workers.predict import Predictor  # torch loads on demand
     from workers.report import build_report
 
-    spec = _begin(job_id, "report")
+    spec = start_job(job_id, "report", count_attempt=retry == 0)
     if spec is None:
         return None
     run_id, limit = int(spec["run"]), int(spec["limit"])

@@ -1,0 +1,294 @@
+"""Operating explore and report jobs like every other job: reconcile re-sends them,
+retry re-runs them, cancel makes their task a no-op, a poison message ends failed,
+and an artifact an analysis file names is never deleted."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from conftest import PG_URL, _missing, wait_for
+from sqlalchemy import create_engine, func, inspect, select, text, update
+from sqlalchemy.engine import make_url
+from typer.testing import CliRunner
+
+from scheduler.analysis import enqueue, fetch, plan_explore
+from scheduler.cli import app
+from shared.db import session_scope
+from shared.schema import Analysis, AnalysisFile, Artifact, ArtifactChunk, Job, Shard
+
+runner = CliRunner()
+PG = pytest.mark.parametrize("backend", ["postgres"], indirect=True)
+IRIS_FILES = ["covariance.csv", "pairplot.png", "sepal-scatter.png", "stats.csv"]
+
+
+def _ok(*args: str) -> dict:
+    result = runner.invoke(app, [*args, "--json"])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.output)
+
+
+def _job(job_id: int) -> tuple[str, int, str | None]:
+    with session_scope() as s:
+        job = s.get(Job, job_id)
+        return job.status, job.attempts, job.error
+
+
+def _analysis_files(job_id: int) -> list[str]:
+    with session_scope() as s:
+        return sorted(s.execute(
+            select(AnalysisFile.name).join(Analysis, Analysis.id == AnalysisFile.analysis_id)
+            .where(Analysis.job_id == job_id)).scalars())
+
+
+def _queued(env: dict[str, str]) -> int:
+    """Messages waiting in the cpu queue (kombu's Redis list of that name)."""
+    return int(redis.Redis.from_url(env["CAPTRAIN_BROKER_URL"]).llen("cpu"))
+
+
+def _children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as fh:
+        return [int(p) for p in fh.read().split()]
+
+
+# --- reconcile ------------------------------------------------------------------------
+
+@pytest.mark.integration
+def test_reconcile_resends_explore_jobs_whose_messages_were_lost(backend, start_worker):
+    pending = plan_explore("iris")
+    enqueue("explore", pending)
+    lost = plan_explore("iris")
+    with session_scope() as s:
+        # As if a worker had taken it and died with its host: its message is gone.
+        s.execute(update(Job).where(Job.id == lost).values(status="running", attempts=1))
+    assert _queued(backend) == 1
+    redis.Redis.from_url(backend["CAPTRAIN_BROKER_URL"]).flushdb()  # every message gone
+    assert _queued(backend) == 0
+
+    sent = _ok("reconcile")
+    assert sent == {"shards": 0, "runs": 0, "analyses": 2}
+    assert _queued(backend) == 2
+    start_worker(backend, queues="cpu", concurrency=1)
+    wait_for(lambda: _job(pending)[0] == _job(lost)[0] == "done", 120, what="both done")
+    for job_id in (pending, lost):
+        assert _analysis_files(job_id) == IRIS_FILES
+        result = fetch(job_id)
+        assert (result.kind, result.subject, result.summary["n"]) == ("explore", "iris", 150)
+    assert _job(pending)[1] == 1 and _job(lost)[1] == 2  # one attempt each on top
+
+    # Idempotent: done jobs are not sent again, and a job whose analysis is stored is
+    # complete even if its row still says running.
+    with session_scope() as s:
+        s.execute(update(Job).where(Job.id == lost).values(status="running"))
+    assert _ok("reconcile")["analyses"] == 0
+    assert _job(lost)[0] == "done" and _queued(backend) == 0
+    with session_scope() as s:
+        assert s.execute(select(func.count()).select_from(Analysis)).scalar_one() == 2
+    print(f"\nreconcile after FLUSHDB: re-sent {sent['analyses']} explore tasks; both done "
+          f"with {len(IRIS_FILES)} files each; a second reconcile re-sent none")
+
+
+# --- cancel and retry -------------------------------------------------------------
+
+@pytest.mark.integration
+def test_a_cancelled_explore_job_is_a_noop_for_its_worker_and_retry_runs_it(
+        sqlite_env, start_worker):
+    job_id = plan_explore("iris")
+    enqueue("explore", job_id)
+    assert _ok("cancel", str(job_id))["cancelled"] is True
+    worker = start_worker(sqlite_env, queues="cpu", concurrency=1)
+    wait_for(lambda: "captrain.explore[" in worker.log.read_text()
+             and " succeeded in " in worker.log.read_text(), 60,
+             what="the queued message to run")
+    assert _queued(sqlite_env) == 0
+    assert _job(job_id) == ("cancelled", 0, None)  # not even counted as an attempt
+    assert _analysis_files(job_id) == []
+
+    again = _ok("retry", str(job_id), "--wait")
+    assert again["status"] == "done" and again["kind"] == "explore"
+    assert _analysis_files(job_id) == IRIS_FILES
+    assert _ok("cancel", str(job_id))["cancelled"] is False  # already ended
+
+
+@PG
+@pytest.mark.integration
+def test_a_report_failed_on_a_corrupt_test_shard_is_retried_once_it_is_repaired(
+        backend, start_worker, tmp_path):
+    start_worker(backend, queues="cpu,gpu", concurrency=1)
+    gen = _ok("generate", "--name", "tiny-rep", "--count", "80", "--shard-size", "40",
+              "--seed", "5", "--wait")
+    run = _ok("train", "--dataset", "tiny-rep", "--epochs", "1", "--batch-size", "32",
+              "--wait")["run"]
+    with session_scope() as s:
+        sha = s.execute(select(Shard.sha256).where(Shard.job_id == gen["id"],
+                                                   Shard.split == "test")).scalar_one()
+        chunk = s.get(ArtifactChunk, (sha, 0))
+        good = bytes(chunk.data)
+        chunk.data = good[:-1] + bytes([good[-1] ^ 0xFF])  # one flipped bit pattern
+
+    failed = runner.invoke(app, ["report", str(run["id"]), "--out", str(tmp_path / "never")])
+    assert failed.exit_code == 1, failed.output
+    assert "failed its sha256 check" in failed.output and not (tmp_path / "never").exists()
+    with session_scope() as s:
+        job_id = s.execute(select(Job.id).where(Job.kind == "report")).scalar_one()
+    assert _job(job_id)[0] == "failed" and _analysis_files(job_id) == []
+
+    with session_scope() as s:
+        s.get(ArtifactChunk, (sha, 0)).data = good  # the shard is repaired
+    again = _ok("retry", str(job_id), "--wait")
+    assert again["status"] == "done" and again["error"] is None
+    assert _analysis_files(job_id) == ["confusion.png", "curves.png", "grid.png",
+                                       "index.html", "summary.json"]
+    summary = fetch(job_id).summary
+    assert summary["evaluated"] == summary["test_items"] == 8
+    assert summary["seq_acc"] == pytest.approx(run["test"]["seq_acc"], abs=1e-9)
+    print(f"\nreport retried after repairing shard {sha[:12]}: {summary['evaluated']} "
+          f"items, seq_acc {summary['seq_acc']:.4f}")
+
+
+# --- attempts ---------------------------------------------------------------------
+
+@PG
+@pytest.mark.integration
+def test_an_explore_job_whose_worker_is_killed_each_time_fails_after_bounded_attempts(
+        backend, start_worker):
+    from shared.records import MAX_ATTEMPTS
+
+    job_id = plan_explore("iris")
+    enqueue("explore", job_id)
+    engine = create_engine(backend["CAPTRAIN_DATABASE_URL"])
+    holder = engine.connect()
+    try:
+        # Every attempt hangs on storing its analysis (it marked its attempt first),
+        # and is killed there: a message that kills its worker each time.
+        holder.execute(text("LOCK TABLE analyses IN EXCLUSIVE MODE"))
+        worker = start_worker(backend, queues="cpu", concurrency=1)
+        for n in range(1, MAX_ATTEMPTS + 1):
+            wait_for(lambda n=n: _job(job_id)[:2] == ("running", n), 60,
+                     what=f"attempt {n}")
+            for child in _children(worker.proc.pid):
+                os.kill(child, signal.SIGKILL)
+        # reject_on_worker_lost puts the message back each time; the next delivery
+        # finds the attempts used up.
+        wait_for(lambda: _job(job_id)[0] == "failed", 60, what="failed job")
+    finally:
+        holder.rollback()
+        holder.close()
+        engine.dispose()
+    status, attempts, error = _job(job_id)
+    print(f"\npoison explore: {status} after {attempts} attempts: {error}")
+    assert attempts == MAX_ATTEMPTS and _analysis_files(job_id) == []
+    assert error is not None and f"gave up after {MAX_ATTEMPTS} attempts" in error
+
+    # Retry starts the count again, and the job finishes now that nothing kills it.
+    again = _ok("retry", str(job_id), "--wait")
+    assert again["status"] == "done" and _analysis_files(job_id) == IRIS_FILES
+    assert _job(job_id)[1] == 1
+
+
+def test_attempts_are_counted_per_delivery_not_per_celery_retry(backend):
+    from shared.errors import StateError
+    from shared.records import MAX_ATTEMPTS, start_job
+
+    job_id = plan_explore("iris")
+    for n in range(1, MAX_ATTEMPTS + 1):
+        assert start_job(job_id, "explore") == {"dataset": "iris"}
+        assert _job(job_id)[:2] == ("running", n)
+    # A retry after a transient error is the same attempt going on.
+    assert start_job(job_id, "explore", count_attempt=False) == {"dataset": "iris"}
+    assert _job(job_id)[1] == MAX_ATTEMPTS
+    assert start_job(job_id, "explore") is None
+    status, attempts, error = _job(job_id)
+    assert (status, attempts) == ("failed", MAX_ATTEMPTS)
+    assert error == (f"explore gave up after {MAX_ATTEMPTS} attempts: none of them "
+                     "finished (each worker was killed or lost mid-task)")
+    assert start_job(job_id, "explore") is None and _job(job_id)[1] == MAX_ATTEMPTS
+    with pytest.raises(StateError, match="is a explore job, not report"):
+        start_job(job_id, "report")
+
+    cancelled = plan_explore("iris")
+    assert _ok("cancel", str(cancelled))["cancelled"] is True
+    assert start_job(cancelled, "explore") is None and _job(cancelled)[:2] == ("cancelled", 0)
+
+
+# --- artifacts --------------------------------------------------------------------
+
+def test_an_artifact_named_by_an_analysis_file_is_never_deleted(backend):
+    from shared.artifacts import delete_if_unreferenced, put_bytes, referencing_columns
+    from workers.analysis import run_explore
+
+    assert {f"{c.table.name}.{c.name}" for c in referencing_columns()} == {
+        "shards.sha256", "runs.checkpoint_sha256", "models.weights_sha256",
+        "analysis_files.sha256"}
+    job_id = plan_explore("iris")
+    assert run_explore(job_id) is not None
+    before = fetch(job_id).files
+    with session_scope() as s:
+        shas = list(s.execute(select(AnalysisFile.sha256)).scalars())
+    assert len(shas) == len(IRIS_FILES)
+    for sha in shas:
+        with session_scope() as s:
+            assert delete_if_unreferenced(s, sha) is False
+    assert fetch(job_id).files == before  # every byte still there, hash-checked
+
+    with session_scope() as s:
+        loose = put_bytes(s, uuid.uuid4().bytes, "application/octet-stream")
+    with session_scope() as s:
+        assert delete_if_unreferenced(s, loose) is True
+    with session_scope() as s:
+        assert s.get(Artifact, loose) is None
+        assert s.execute(select(func.count()).select_from(ArtifactChunk)
+                         .where(ArtifactChunk.sha256 == loose)).scalar_one() == 0
+
+
+# --- migration 0004 ---------------------------------------------------------------
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def empty_db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """The URL of an empty database of its own, SQLite or PostgreSQL."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'migrate.db'}"
+        return
+    server = make_url(PG_URL)
+    name = f"captrain_mig_{os.getpid()}_{uuid.uuid4().hex[:6]}"
+    try:
+        admin = create_engine(server, isolation_level="AUTOCOMMIT")
+        with admin.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+    except Exception as exc:
+        _missing("PostgreSQL", exc)
+    yield server.set(database=name).render_as_string(hide_password=False)
+    with admin.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+def test_migration_0004_gives_existing_jobs_zero_attempts_and_downgrades(empty_db):
+    from alembic import command
+
+    from shared import migrate
+
+    engine = create_engine(empty_db)
+    try:
+        migrate.upgrade(engine, "0003")
+        with engine.begin() as conn:
+            conn.execute(text(
+                "INSERT INTO jobs (kind, status, spec, settings, created_at) VALUES "
+                "('report', 'failed', '{}', '{}', CURRENT_TIMESTAMP)"))
+        migrate.upgrade(engine)
+        assert migrate.current_revision(engine) == "0004" == migrate.head_revision()
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT kind, attempts FROM jobs")).all() == [
+                ("report", 0)]
+        command.downgrade(migrate.alembic_config(engine), "0003")
+        assert "attempts" not in {c["name"] for c in inspect(engine).get_columns("jobs")}
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT kind FROM jobs")).scalars().all() == ["report"]
+    finally:
+        engine.dispose()

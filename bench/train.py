@@ -73,7 +73,7 @@ def main() -> None:
             return read_verified(s, sha)
 
     def step(model, opt, x, y) -> None:
-        loss = _loss(model(normalize(x, cfg)), y)
+        loss = _loss(model(normalize(x, cfg)), y, cfg)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -177,6 +177,15 @@ class TrainSpec(_Spec):
     # Hard limit in seconds; it must stay below CAPTRAIN_VISIBILITY_TIMEOUT (12 h by
     # default), or Redis would redeliver the message while the task still runs.
     time_limit: int = Field(12 * 3600 - 600, ge=10, le=30 * 24 * 3600, description="seconds")
+    # Training-time distortions of the train split (workers/augment.py): small affine
+    # and jitter (light), plus warps and blur (strong); masking for audio.
+    augment: Literal["none", "light", "strong"] = "none"
+    # DataLoader processes that decode and augment shards. None: 0 (in the training
+    # process) off CUDA, and on CUDA up to 8, leaving a core to the trainer.
+    loader_workers: int | None = Field(None, ge=0, le=64)
+    compile: bool = False  # torch.compile the model (minutes of compiling first)
+    # The accuracy preset these values came from (scheduler/presets.py), for the record.
+    preset: Name | None = None
 
 
 def validate(cls: type[S], **values: object) -> S:

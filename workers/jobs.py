@@ -223,7 +223,7 @@ def train_run(run_id: int, worker: str, progress: Any = None) -> dict[str, Any] 
 
 def _train_leased(run_id: int, owner: str, worker: str, progress: Any) -> dict[str, Any] | None:
     from workers import checkpoint
-    from workers.data import ShardLoader
+    from workers.data import ShardLoader, loader_workers
     from workers.train import fit, pick_device
 
     with session_scope() as s:
@@ -253,9 +253,13 @@ def _train_leased(run_id: int, owner: str, worker: str, progress: Any) -> dict[s
         with session_scope() as s:
             return read_verified(s, sha)
 
-    def loader(split: str, shuffle: bool) -> ShardLoader:
+    def loader(split: str) -> ShardLoader:
+        # Only the train split is shuffled and augmented, and gets loader processes.
+        train = split == "train"
         return ShardLoader([sha for sha, _ in splits[split]], fetch, cfg, spec.batch_size,
-                           shuffle=shuffle, seed=spec.seed)
+                           shuffle=train, seed=spec.seed, augment=cfg.augment if train else "none",
+                           workers=loader_workers(spec.loader_workers, device) if train else 0,
+                           pin_memory=train and device.type == "cuda")
 
     train_count = sum(c for _, c in splits["train"])
 
@@ -299,13 +303,17 @@ def _train_leased(run_id: int, owner: str, worker: str, progress: Any) -> dict[s
                 heartbeat(s, run_id, owner)
             last_beat = time.monotonic()
 
-    result = fit(
-        cfg, train=loader("train", True), val=loader("val", False), test=loader("test", False),
-        train_count=train_count, epochs=spec.epochs, batch_size=spec.batch_size, lr=spec.lr,
-        seed=spec.seed, device=device, resume=resume, on_epoch=on_epoch, on_batch=on_batch,
-        should_stop=stop_requested, on_interrupt=on_interrupt,
-        interrupts=(SoftTimeLimitExceeded,),
-    )
+    train = loader("train")
+    try:
+        result = fit(
+            cfg, train=train, val=loader("val"), test=loader("test"),
+            train_count=train_count, epochs=spec.epochs, batch_size=spec.batch_size,
+            lr=spec.lr, seed=spec.seed, device=device, resume=resume, on_epoch=on_epoch,
+            on_batch=on_batch, should_stop=stop_requested, on_interrupt=on_interrupt,
+            interrupts=(SoftTimeLimitExceeded,), compile=spec.compile,
+        )
+    finally:
+        train.close()  # its DataLoader processes, if any
     _finish_run(run_id, owner, dataset.id, result.model, cfg.to_dict(), spec.epochs,
                 result.test, result.resumed_from)
     return result.test

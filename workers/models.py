@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 FIXED_ARCHS = ("multihead", "cnn", "lenet")
@@ -169,30 +170,32 @@ def time_steps(cfg: ModelConfig) -> int:
 
 
 @torch.no_grad()
-def decode(logits: torch.Tensor, cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """Read model output as class indices.
+def greedy(logits: torch.Tensor, cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Read model output as class indices, on the logits' device.
 
     Returns (B, L) indices into ``cfg.charset``, padded with PAD past a shorter text,
     and (B,) confidences: the product of the chosen classes' probabilities. For CTC
     that is the product over the best path's emitting steps, times its least sure
     other step, so that a doubtful blank (a character perhaps missed) counts too.
     """
-    probs = logits.float().softmax(-1).cpu()
-    best, idx = probs.max(-1)  # (B, L) or (B, T)
+    best, idx = logits.float().softmax(-1).max(-1)  # (B, L) or (B, T)
     if not cfg.ctc:
         return idx, best.prod(-1)
-    out = torch.full((len(idx), cfg.length), PAD, dtype=torch.long)
-    conf = torch.ones(len(idx))
-    for b, (row, p) in enumerate(zip(idx.tolist(), best.tolist(), strict=True)):
-        prev, n, least = 0, 0, 1.0
-        for k, cls in enumerate(row):
-            # Greedy CTC: collapse repeats, then drop blanks.
-            if cls != 0 and cls != prev and n < cfg.length:
-                out[b, n] = cls - 1
-                conf[b] *= p[k]
-                n += 1
-            else:
-                least = min(least, p[k])
-            prev = cls
-        conf[b] *= least
-    return out, conf
+    # Greedy CTC: collapse repeats, then drop blanks; at most ``length`` characters.
+    # Vectorized, so that training on a GPU never waits for the host.
+    prev = F.pad(idx[:, :-1], (1, 0), value=0)  # (B, T): the step before; blank first
+    new = (idx != 0) & (idx != prev)
+    slot = new.long().cumsum(1) - 1  # (B, T): output position of each new character
+    emit = new & (slot < cfg.length)
+    out = torch.full((len(idx), cfg.length + 1), PAD, dtype=torch.long, device=idx.device)
+    # Steps that emit nothing write into the extra last column, dropped below.
+    out.scatter_(1, torch.where(emit, slot, cfg.length), torch.where(emit, idx - 1, PAD))
+    conf = (torch.where(emit, best, 1.0).prod(1)
+            * torch.where(emit, 1.0, best).min(1).values.clamp(max=1.0))
+    return out[:, : cfg.length], conf
+
+
+def decode(logits: torch.Tensor, cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """``greedy`` on the CPU: (B, L) indices (PAD past a shorter text), (B,) confidences."""
+    idx, conf = greedy(logits, cfg)
+    return idx.cpu(), conf.cpu()

@@ -3,13 +3,22 @@
 ``fit`` is a plain function: it gets loaders, a device, an optional checkpoint to
 resume from and an ``on_epoch`` callback that persists each epoch. A fresh start and
 a resume run through the same code; a resume only loads state first.
+
+On a CUDA device the loop also uses bf16 autocast, channels_last memory and
+``cudnn.benchmark``, and optionally ``torch.compile`` (``Speedups``); DataLoader
+workers and pinned memory belong to the loaders (``workers.data.ShardLoader``). Other
+devices run exactly the plain loop. Running metrics accumulate on the device, so a
+step never waits for the host.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
+import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from itertools import islice
 from typing import Any
 
@@ -19,11 +28,44 @@ from torch import nn
 
 from shared.errors import ConfigError
 from workers.data import normalize
-from workers.models import PAD, ModelConfig, build_model, decode
+from workers.models import PAD, ModelConfig, build_model, decode, greedy
 from workers.shutdown import StopRequested
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
+log = logging.getLogger(__name__)
 
+
+@dataclass(frozen=True)
+class Speedups:
+    """What the loop turns on beyond the plain path; recorded with each epoch's train
+    metrics (as 0/1) and in the worker's log."""
+
+    bf16: bool = False  # autocast to bfloat16 (CUDA): forward and loss
+    channels_last: bool = False  # NHWC memory for the model and its inputs
+    cudnn_benchmark: bool = False  # cuDNN picks the fastest kernels per input shape
+    compiled: bool = False  # torch.compile of the model
+
+    @classmethod
+    def for_device(cls, device: torch.device, compile: bool = False) -> Speedups:
+        """All of them on CUDA; on any other device only ``compile``, if asked."""
+        cuda = device.type == "cuda"
+        return cls(bf16=cuda, channels_last=cuda, cudnn_benchmark=cuda, compiled=compile)
+
+    def autocast(self, device: torch.device) -> contextlib.AbstractContextManager[Any]:
+        if self.bf16:
+            return torch.autocast(device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def inputs(self, x: torch.Tensor, device: torch.device, cfg: ModelConfig) -> torch.Tensor:
+        """uint8 batch -> normalized float on ``device``: the copy moves bytes, not floats."""
+        x = normalize(x.to(device, non_blocking=True), cfg)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def metrics(self) -> dict[str, float]:
+        return {k: float(v) for k, v in asdict(self).items()}
+
+
+PLAIN = Speedups()
 
 
 def pick_device(want: str = "auto") -> torch.device:
@@ -43,13 +85,14 @@ def pick_device(want: str = "auto") -> torch.device:
 
 def _loss(logits: torch.Tensor, y: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
     if cfg.ctc:
-        # logits (B, T, C+1) with the blank at 0; y (B, L) padded with PAD.
+        # logits (B, T, C+1) with the blank at 0; y (B, L) padded with PAD. Targets in
+        # the padded (B, L) form stay on the device (no host sync); past each length
+        # the values are ignored.
         log_probs = logits.float().log_softmax(-1).transpose(0, 1)  # (T, B, C+1)
         lengths = (y != PAD).sum(1)
-        targets = (y[y != PAD] + 1).cpu()
-        steps = torch.full((len(y),), log_probs.shape[0], dtype=torch.long)
-        return F.ctc_loss(log_probs, targets, steps, lengths.cpu(), blank=0,
-                          zero_infinity=True)
+        targets = torch.where(y == PAD, 0, y + 1)
+        steps = torch.full((len(y),), log_probs.shape[0], dtype=torch.long, device=y.device)
+        return F.ctc_loss(log_probs, targets, steps, lengths, blank=0, zero_infinity=True)
     # logits (B, L, C), y (B, L): the sum over heads, averaged over the batch
     return F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=PAD) * y.shape[1]
 
@@ -76,36 +119,46 @@ def train_one_epoch(
     device: torch.device,
     cfg: ModelConfig,
     on_batch: Callable[[int], None] | None = None,
+    fast: Speedups = PLAIN,
 ) -> dict[str, float]:
-    """One pass over ``loader``; returns mean loss and running char/seq accuracy."""
+    """One pass over ``loader``; returns mean loss, running char/seq accuracy and the
+    number of samples trained."""
     model.train()
-    total = loss_sum = char_ok = seq_ok = 0.0
+    # samples, loss sum, characters right (per-text fractions), texts right
+    sums = torch.zeros(4, dtype=torch.float64 if device.type == "cpu" else torch.float32,
+                       device=device)
     for x, y in loader:
-        x = normalize(x.to(device, non_blocking=True), cfg)
+        x = fast.inputs(x, device, cfg)
         y = y.to(device, non_blocking=True)
-        logits = model(x)
-        loss = _loss(logits, y, cfg)
+        with fast.autocast(device):
+            logits = model(x)
+            loss = _loss(logits, y, cfg)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
+        n = len(y)
         with torch.no_grad():
-            pred, hit, valid = _hits(logits, y, cfg)
-            n = len(y)
-            total += n
-            loss_sum += loss.item() * n
-            char_ok += _char_acc(hit, valid).sum().item()
-            seq_ok += (pred == y.cpu()).all(1).sum().item()
+            pred, _ = greedy(logits, cfg)
+            valid = y != PAD
+            hit = (pred == y) & valid
+            sums[0] += n
+            sums[1] += loss.detach() * n
+            sums[2] += _char_acc(hit, valid).sum()
+            sums[3] += (pred == y).all(1).sum()
         if on_batch is not None:
             on_batch(n)
-    total = max(total, 1)
-    return {"loss": loss_sum / total, "char_acc": char_ok / total, "seq_acc": seq_ok / total}
+    samples, loss_sum, char_ok, seq_ok = sums.tolist()
+    total = max(samples, 1)
+    return {"loss": loss_sum / total, "char_acc": char_ok / total, "seq_acc": seq_ok / total,
+            "samples": samples}
 
 
 @torch.no_grad()
 def evaluate(
     model: nn.Module, loader: Batches, device: torch.device, cfg: ModelConfig,
     on_batch: Callable[[int], None] | None = None, confusion: bool = False,
+    fast: Speedups = PLAIN,
 ) -> dict[str, Any]:
     """Loss, per-character, per-position and whole-sequence accuracy over ``loader``.
 
@@ -122,13 +175,15 @@ def evaluate(
     seq_ok = missing = 0
     matrix = torch.zeros(cfg.length, n_classes, n_classes, dtype=torch.long)
     for x, y in loader:
-        x = normalize(x.to(device, non_blocking=True), cfg)
+        x = fast.inputs(x, device, cfg)
         y = y.to(device, non_blocking=True)
-        logits = model(x)
+        with fast.autocast(device):
+            logits = model(x)
+            loss = _loss(logits, y, cfg)
         pred, hit, valid = _hits(logits, y, cfg)
         yc = y.cpu()
         total += len(y)
-        loss_sum += _loss(logits, y, cfg).item() * len(y)
+        loss_sum += loss.item() * len(y)
         char_sum += _char_acc(hit, valid).sum().item()
         pos_ok += hit.float().sum(0)
         pos_n += valid.float().sum(0)
@@ -180,6 +235,7 @@ def fit(
     should_stop: Callable[[], bool] | None = None,
     on_interrupt: Callable[[dict[str, Any]], None] | None = None,
     interrupts: tuple[type[BaseException], ...] = (),
+    compile: bool = False,
 ) -> FitResult:
     """Train for ``epochs`` (from the checkpoint's position when resuming), then test.
 
@@ -190,11 +246,29 @@ def fit(
     ``interrupts`` (a soft time limit) is raised mid-epoch, ``on_interrupt`` gets a
     checkpoint of the position reached (epoch, batch) before the exception leaves;
     StopRequested is raised for ``should_stop``.
+
+    On CUDA the ``Speedups`` are on; ``compile`` adds ``torch.compile`` on any device.
+    Each epoch's train metrics also hold ``samples_per_s`` (samples trained per
+    second of the epoch's training pass, data loading included), the speedups as
+    0/1 and the train loader's ``loader_workers`` and ``pin_memory``.
     """
 
     torch.manual_seed(seed)
-    model = build_model(cfg).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    fast = Speedups.for_device(device, compile)
+    if fast.cudnn_benchmark:
+        torch.backends.cudnn.benchmark = True
+    net = build_model(cfg).to(device)
+    if fast.channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    # The compiled wrapper runs the steps; ``net`` holds the weights that checkpoints
+    # and the result keep (a compiled module's state_dict keys carry a prefix).
+    model: nn.Module = torch.compile(net) if compile else net  # type: ignore[assignment]
+    loader_info = {"loader_workers": float(getattr(train, "workers", 0)),
+                   "pin_memory": float(getattr(train, "pin_memory", False))}
+    log.info("training on %s: %s", device, ", ".join(
+        f"{k} {'on' if v else 'off'}" if k != "loader_workers" else f"{k} {v:.0f}"
+        for k, v in {**fast.metrics(), **loader_info}.items()))
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     # The loader batches within groups of shards, so each group may end on a partial
     # batch: count one extra step per group, or OneCycleLR would run out of steps.
     groups = math.ceil(len(getattr(train, "shards", [None])) / getattr(train, "mix", 1))
@@ -204,7 +278,7 @@ def fit(
     )
     start, skip = 0, 0
     if resume is not None:
-        model.load_state_dict(resume["model"])
+        net.load_state_dict(resume["model"])
         opt.load_state_dict(resume["optimizer"])
         sched.load_state_dict(resume["scheduler"])
         torch.set_rng_state(resume["rng"])
@@ -212,7 +286,7 @@ def fit(
 
     def checkpoint(epochs_done: int, batch: int) -> dict[str, Any]:
         return {
-            "model": model.state_dict(),
+            "model": net.state_dict(),
             "optimizer": opt.state_dict(),
             "scheduler": sched.state_dict(),
             "epoch": epochs_done,
@@ -234,12 +308,16 @@ def fit(
                 done[0] += 1
 
         try:
-            tr = train_one_epoch(model, batches(), opt, sched, device, cfg, on_batch)
+            t0 = time.perf_counter()
+            tr = train_one_epoch(model, batches(), opt, sched, device, cfg, on_batch, fast)
+            seconds = time.perf_counter() - t0
         except BaseException as exc:
             if on_interrupt is not None and isinstance(exc, (StopRequested, *interrupts)):
                 on_interrupt(checkpoint(epoch, done[0]))
             raise
-        va = evaluate(model, val.epoch(0), device, cfg, on_batch)
+        tr = {**tr, "samples_per_s": tr["samples"] / max(seconds, 1e-9),
+              **fast.metrics(), **loader_info}
+        va = evaluate(model, val.epoch(0), device, cfg, on_batch, fast=fast)
         on_epoch(epoch + 1, tr, va, checkpoint(epoch + 1, 0))
-    result = evaluate(model, test.epoch(0), device, cfg, on_batch, confusion=True)
-    return FitResult(model=model, test=result, resumed_from=start if resume else None)
+    result = evaluate(model, test.epoch(0), device, cfg, on_batch, confusion=True, fast=fast)
+    return FitResult(model=net, test=result, resumed_from=start if resume else None)

@@ -1,0 +1,190 @@
+"""The GPU path's parts that run on a CPU too: DataLoader workers, pinned-memory
+loading, device-side metrics and decoding, torch.compile, and what a run records.
+
+There is no GPU on the test machines; what needs one (bf16 autocast, channels_last,
+cudnn.benchmark) is switched on only for CUDA devices, which is checked here by its
+flags, and measured by bench/gpu.sh where a GPU is at hand.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from typer.testing import CliRunner
+
+from shared import shardfmt
+from workers import checkpoint
+from workers.data import ShardLoader, loader_workers
+from workers.models import PAD, ModelConfig, build_model, decode
+from workers.synth import render_items
+from workers.train import Speedups, _loss, fit
+
+CFG = ModelConfig(charset="0123456789", length=4, in_height=30, in_width=80,
+                  image_height=60, image_width=160)
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def store() -> dict[str, bytes]:
+    """Seven real shards of uneven sizes (the last group of 2 is partial)."""
+    out = {}
+    for i, n in enumerate((20, 20, 20, 20, 20, 13, 7)):
+        items = render_items(200 + i, i * 20, n, CFG.charset, 4, 160, 60)
+        out[f"sha-{i}"] = shardfmt.pack(items, {})
+    return out
+
+
+def _loader(store: dict[str, bytes], **kw) -> ShardLoader:
+    return ShardLoader(list(store), store.__getitem__, CFG, 8, seed=3, mix=2, **kw)
+
+
+def _same(a: list, b: list) -> bool:
+    return len(a) == len(b) and all(
+        torch.equal(xa, xb) and torch.equal(ya, yb)
+        for (xa, ya), (xb, yb) in zip(a, b, strict=True))
+
+
+def test_loader_workers_give_the_batches_of_the_training_process_epoch_after_epoch(store):
+    plain = _loader(store, augment="light")
+    pooled = _loader(store, augment="light", workers=2)
+    try:
+        for epoch in (0, 1, 2):  # the same worker processes serve every epoch
+            expected = list(plain.epoch(epoch))
+            assert sum(len(y) for _, y in expected) == 120
+            assert _same(list(pooled.epoch(epoch)), expected), epoch
+        assert pooled._dl is not None and pooled._dl.persistent_workers
+        three = _loader(store, workers=3)  # more workers than a fair split of 4 groups
+        assert _same(list(three.epoch(5)), list(_loader(store).epoch(5)))
+        three.close()
+    finally:
+        pooled.close()
+
+
+def test_an_epoch_left_midway_does_not_disturb_the_next_one(store):
+    pooled = _loader(store, workers=2)
+    try:
+        it = pooled.epoch(0)
+        for _ in range(3):
+            next(it)
+        del it  # a stop mid-epoch abandons the iterator
+        assert _same(list(pooled.epoch(1)), list(_loader(store).epoch(1)))
+    finally:
+        pooled.close()
+
+
+def test_the_pinned_memory_path_gives_the_same_batches(store):
+    pinned = _loader(store, pin_memory=True)
+    assert _same(list(pinned.epoch(4)), list(_loader(store).epoch(4)))
+
+
+def test_loader_workers_default_to_none_off_cuda_and_some_on_cuda():
+    assert loader_workers(None, CPU) == 0
+    assert 1 <= loader_workers(None, torch.device("cuda")) <= 8
+    assert loader_workers(3, CPU) == 3
+
+
+def test_cuda_turns_every_speedup_on_and_other_devices_none():
+    on = Speedups.for_device(torch.device("cuda"))
+    assert on.bf16 and on.channels_last and on.cudnn_benchmark and not on.compiled
+    assert Speedups.for_device(CPU) == Speedups()
+    assert Speedups.for_device(torch.device("mps"), compile=True) == Speedups(compiled=True)
+
+
+def _fit(store, **kw):
+    epochs: dict[int, dict] = {}
+    result = fit(CFG, train=kw.pop("train"), val=_loader(store, shuffle=False),
+                 test=_loader(store, shuffle=False),
+                 train_count=120, epochs=2, batch_size=8, lr=1e-3, seed=4, device=CPU,
+                 on_epoch=lambda e, tr, va, c: epochs.setdefault(e, {"train": tr, "ckpt": c}),
+                 **kw)
+    return result, epochs
+
+
+def test_training_with_loader_workers_gives_the_weights_of_training_without(store):
+    plain, plain_epochs = _fit(store, train=_loader(store, augment="light"))
+    pooled_loader = _loader(store, augment="light", workers=2)
+    try:
+        pooled, pooled_epochs = _fit(store, train=pooled_loader)
+    finally:
+        pooled_loader.close()
+    for k, v in plain.model.state_dict().items():
+        assert torch.equal(v, pooled.model.state_dict()[k]), k
+    tr = pooled_epochs[2]["train"]
+    assert tr["loader_workers"] == 2 and plain_epochs[2]["train"]["loader_workers"] == 0
+    # On a CPU the plain loop runs: every speedup is recorded as off.
+    assert (tr["bf16"], tr["channels_last"], tr["cudnn_benchmark"], tr["compiled"],
+            tr["pin_memory"]) == (0, 0, 0, 0, 0)
+    assert tr["samples"] == 120 and tr["samples_per_s"] > 0
+
+
+def test_a_compiled_run_checkpoints_plain_weights_that_resume_without_compiling(store):
+    _, epochs = _fit(store, train=_loader(store), compile=True)
+    assert epochs[1]["train"]["compiled"] == 1
+    ckpt = checkpoint.loads(checkpoint.dumps(epochs[1]["ckpt"]))
+    assert set(ckpt["model"]) == set(build_model(CFG).state_dict())  # no _orig_mod.
+    resumed, _ = _fit(store, train=_loader(store), resume=ckpt)
+    assert resumed.resumed_from == 1 and resumed.test["count"] == 120
+
+
+def _greedy_by_steps(logits: torch.Tensor, length: int) -> list[list[int]]:
+    """Greedy CTC read one step at a time: the textbook definition."""
+    out = []
+    for row in logits.argmax(-1).tolist():
+        text, prev = [], 0
+        for cls in row:
+            if cls not in (0, prev) and len(text) < length:
+                text.append(cls - 1)
+            prev = cls
+        out.append(text + [PAD] * (length - len(text)))
+    return out
+
+
+def test_vectorized_ctc_decoding_reads_as_the_step_by_step_definition():
+    cfg = ModelConfig(charset="0123456789", length=6, min_length=4, in_height=30,
+                      in_width=80, image_height=60, image_width=160, arch="crnn")
+    g = torch.Generator().manual_seed(0)
+    for blank_bias in (-2.0, 0.0, 2.0, 4.0):
+        logits = torch.randn(64, 20, 11, generator=g) * 3
+        logits[:, :, 0] += blank_bias
+        idx, conf = decode(logits, cfg)
+        assert idx.tolist() == _greedy_by_steps(logits, cfg.length)
+        assert ((conf > 0) & (conf <= 1)).all()
+
+
+def test_ctc_loss_on_padded_targets_equals_the_concatenated_form():
+    cfg = ModelConfig(charset="0123456789", length=6, min_length=4, in_height=30,
+                      in_width=80, image_height=60, image_width=160, arch="crnn")
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(8, 20, 11, generator=g)
+    y = torch.randint(0, 10, (8, 6), generator=g)
+    for i, k in enumerate((4, 5, 6, 4, 6, 5, 4, 6)):
+        y[i, k:] = PAD
+    log_probs = logits.log_softmax(-1).transpose(0, 1)
+    concatenated = F.ctc_loss(log_probs, y[y != PAD] + 1, torch.full((8,), 20),
+                              (y != PAD).sum(1), blank=0, zero_infinity=True)
+    assert torch.equal(_loss(logits, y, cfg), concatenated)
+
+
+@pytest.mark.integration
+def test_a_train_job_with_loader_workers_and_augmentation_runs_in_a_real_worker(
+        sqlite_env, start_worker):
+    from scheduler.cli import app
+
+    runner = CliRunner()
+    start_worker(sqlite_env, queues="cpu,gpu", concurrency=2)
+    out = runner.invoke(app, ["generate", "--name", "lw", "--count", "300", "--shard-size",
+                              "50", "--seed", "2", "--wait", "--json"])
+    assert out.exit_code == 0 and json.loads(out.output)["status"] == "done", out.output
+    out = runner.invoke(app, ["train", "--dataset", "lw", "--epochs", "2", "--batch-size",
+                              "32", "--loader-workers", "2", "--augment", "light",
+                              "--wait", "--json"])
+    assert out.exit_code == 0, out.output
+    run = json.loads(runner.invoke(app, ["run", str(json.loads(out.output)["run"]["id"]),
+                                         "--json"]).output)
+    assert run["status"] == "done", run["error"]
+    assert run["spec"]["augment"] == "light" and run["spec"]["loader_workers"] == 2
+    assert [e["train_loader_workers"] for e in run["per_epoch"]] == [2, 2]
+    assert all(e["train_samples_per_s"] > 0 for e in run["per_epoch"])

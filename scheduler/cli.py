@@ -366,6 +366,7 @@ def shard(
 
 @app.command()
 def train(
+    ctx: typer.Context,
     dataset: Annotated[str, typer.Option(help="Dataset name.")],
     model: Annotated[str, typer.Option(
         help="multihead, crnn (CTC, any length), cnn or lenet (digits), "
@@ -380,16 +381,32 @@ def train(
     ] = None,
     time_limit: Annotated[int, typer.Option(
         help="Hard limit, seconds; below CAPTRAIN_VISIBILITY_TIMEOUT.")] = 12 * 3600 - 600,
+    augment: Annotated[str, typer.Option(
+        help="Training-time distortions: none, light or strong.")] = "none",
+    loader_workers: Annotated[int | None, typer.Option(
+        help="Processes decoding shards (default: 0 on CPU, up to 8 on CUDA).")] = None,
+    compile: Annotated[bool, typer.Option(
+        "--compile", help="torch.compile the model (compiles for minutes first).")] = False,
+    preset: Annotated[str | None, typer.Option(
+        help="digits4 or digits-upper4: the model, epochs, lr, batch size, augmentation "
+             "and scale of an accuracy target; options given here still win.")] = None,
     wait: WaitOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Train a recognizer on the gpu queue (captchas, audio, MNIST or Iris)."""
+    from scheduler import presets
     from scheduler.plan import plan_train
     from scheduler.submit import enqueue_train
 
-    spec = validate(TrainSpec, dataset=dataset, model=model, epochs=epochs,
-                    batch_size=batch_size, lr=lr, device=device, seed=seed, scale=scale,
-                    time_limit=time_limit)
+    values: dict[str, Any] = {
+        "model": model, "epochs": epochs, "batch_size": batch_size, "lr": lr,
+        "device": device, "seed": seed, "scale": scale, "time_limit": time_limit,
+        "augment": augment, "loader_workers": loader_workers, "compile": compile}
+    if preset is not None:
+        given = {k for k in values
+                 if getattr(ctx.get_parameter_source(k), "name", "DEFAULT") != "DEFAULT"}
+        values = presets.apply(preset, values, given)
+    spec = validate(TrainSpec, dataset=dataset, **values)
     vt = _settings().visibility_timeout
     if spec.time_limit >= vt:
         # Redis redelivers an unacked message after the visibility timeout: a task

@@ -6,12 +6,24 @@ with the same model, optimizer and device, side by side in this process.
 
 Also prints this process's peak RSS. With ``--cache-mb 0`` every epoch streams and
 decodes every shard again (the path a dataset larger than the cache takes).
+
+    python bench/train.py --rss 25000,200000
+
+Peak RSS of the train job as the dataset grows: for each size, a dataset of that many
+images (shards of 1000) is generated, then a fresh process runs the worker's own
+``workers.jobs.train_run`` on it for one epoch (every training image streamed from
+SQL, decoded and trained on; val and test evaluated; checkpoint and model stored),
+once with the decoded-shard caches at 0 and once at their defaults, and reports its
+peak RSS (VmHWM).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import resource
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -22,22 +34,78 @@ from rich.console import Console  # noqa: E402
 
 from bench.harness import isolated_home, machine, workers  # noqa: E402
 
-HOME = isolated_home()
+# A --rss-child process works in its parent's home (SQLite only: it sends no messages).
+HOME = Path(os.environ["CAPTRAIN_HOME"]) if "--rss-child" in sys.argv else isolated_home()
 
 
-def make_dataset(n: int) -> str:
+def make_dataset(n: int, name: str = "bench-train", shard_size: int = 250) -> str:
     from scheduler import watch
     from scheduler.plan import plan_generate
     from scheduler.submit import enqueue_shards
     from shared.spec import GenerateSpec, validate
 
-    spec = validate(GenerateSpec, name="bench-train", count=n, length=4, charset="digits",
-                    shard_size=250, seed=1)
+    spec = validate(GenerateSpec, name=name, count=n, length=4, charset="digits",
+                    shard_size=shard_size, seed=1)
     with workers("cpu", 2, HOME):
         job_id, idx = plan_generate(spec)
         enqueue_shards("generate", job_id, idx)
         assert watch.wait(job_id, Console(quiet=True), interval=0.1, quiet=True) == "done"
     return spec.name
+
+
+def _status_mb(field: str) -> float:
+    """VmRSS (now) or VmHWM (peak) of this process, MB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def rss_child(name: str, cache: str) -> None:
+    """One epoch of the worker's train_run on dataset ``name``; prints a JSON line."""
+    import torch  # noqa: F401  (imported before the baseline reading)
+
+    import workers.data
+    import workers.train  # noqa: F401
+    from scheduler.plan import plan_train
+    from shared.spec import TrainSpec, validate
+    from workers import jobs
+
+    if cache == "off":
+        # The same code with every cache at 0: each shard is fetched and decoded
+        # each time it is read.
+        jobs.TRAIN_CACHE_BYTES = jobs.VAL_CACHE_BYTES = 0
+    run_id, _ = plan_train(validate(TrainSpec, dataset=name, epochs=1, batch_size=64,
+                                    device="cpu", seed=0))
+    base = _status_mb("VmRSS")
+    t0 = time.perf_counter()
+    test = jobs.train_run(run_id, "bench-rss")
+    assert test is not None
+    print(json.dumps({"base_mb": base, "peak_mb": _status_mb("VmHWM"),
+                      "seconds": time.perf_counter() - t0, "test_count": test["count"],
+                      "test_seq_acc": test["seq_acc"],
+                      "cache_mb": {"train": jobs.TRAIN_CACHE_BYTES / 2**20,
+                                   "val": jobs.VAL_CACHE_BYTES / 2**20}}))
+
+
+def rss(sizes: list[int]) -> None:
+    import torch
+
+    print(f"machine: {machine()}, {torch.get_num_threads()} torch threads", flush=True)
+    for n in sizes:
+        t0 = time.perf_counter()
+        name = make_dataset(n, f"rss-{n}", shard_size=1000)
+        print(f"{n} images generated in {time.perf_counter() - t0:.0f} s", flush=True)
+        for cache in ("off", "default"):
+            out = subprocess.run([sys.executable, __file__, "--rss-child", name, cache],
+                                 capture_output=True, text=True, env=os.environ)
+            if out.returncode != 0:
+                raise SystemExit(out.stdout + out.stderr)
+            r = json.loads(out.stdout.strip().splitlines()[-1])
+            print(f"{n:>7} images, caches {cache:>7} {r['cache_mb']}: peak RSS "
+                  f"{r['peak_mb']:6.0f} MB (after imports {r['base_mb']:.0f} MB); one epoch "
+                  f"+ val + test in {r['seconds']:.0f} s, test seq_acc "
+                  f"{r['test_seq_acc']:.3f} on {r['test_count']}", flush=True)
 
 
 def main() -> None:
@@ -46,7 +114,14 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--cache-mb", type=int, default=512)
+    ap.add_argument("--rss", help="dataset sizes, comma-separated: peak RSS per size")
+    ap.add_argument("--rss-child", nargs=2, metavar=("DATASET", "CACHE"),
+                    help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.rss_child:
+        return rss_child(*args.rss_child)
+    if args.rss:
+        return rss([int(n) for n in args.rss.split(",")])
 
     import torch
     from sqlalchemy import select

@@ -198,6 +198,11 @@ def model_config(dataset: Dataset, spec: TrainSpec) -> ModelConfig:
 
 
 HELD = {"held": True}  # train_run's answer when another live process holds the run
+# Decoded-shard caches of a training run, bytes: the train and val splits are read
+# every epoch; the test split once, so caching it would only hold memory. Together
+# they bound what a run keeps beyond the group of shards it is training on.
+TRAIN_CACHE_BYTES = 384 * 2**20
+VAL_CACHE_BYTES = 128 * 2**20
 
 
 def train_run(run_id: int, worker: str, progress: Any = None) -> dict[str, Any] | None:
@@ -256,10 +261,11 @@ def _train_leased(run_id: int, owner: str, worker: str, progress: Any) -> dict[s
     def loader(split: str) -> ShardLoader:
         # Only the train split is shuffled and augmented, and gets loader processes.
         train = split == "train"
+        cache = {"train": TRAIN_CACHE_BYTES, "val": VAL_CACHE_BYTES}.get(split, 0)
         return ShardLoader([sha for sha, _ in splits[split]], fetch, cfg, spec.batch_size,
                            shuffle=train, seed=spec.seed, augment=cfg.augment if train else "none",
                            workers=loader_workers(spec.loader_workers, device) if train else 0,
-                           pin_memory=train and device.type == "cuda")
+                           pin_memory=train and device.type == "cuda", cache_bytes=cache)
 
     train_count = sum(c for _, c in splits["train"])
 

@@ -11,10 +11,11 @@ import os
 import platform
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 
 def isolated_home() -> Path:
@@ -61,3 +62,23 @@ def workers(queues: str, processes: int, home: Path) -> Iterator[None]:
 def machine() -> str:
     return (f"{platform.node()} {platform.machine()} {os.cpu_count()} cores, "
             f"Python {platform.python_version()}, {datetime.now(UTC):%Y-%m-%d}")
+
+
+def follow_run(job_id: int, run_id: int, on_epoch: Callable[[dict[str, Any]], None],
+               interval: float = 1.0) -> dict[str, Any]:
+    """Poll a train job until it ends, calling ``on_epoch(row)`` once per epoch row
+    (train_* and val_* metrics) as it lands in SQL; return the run's detail."""
+    from scheduler import status
+    from scheduler.watch import ENDED
+
+    seen = 0
+    while True:
+        ended = status.job_detail(job_id)["status"] in ENDED  # before the rows: none lost
+        detail = status.run_detail(run_id)
+        rows = [r for r in detail["per_epoch"] if "val_seq_acc" in r]
+        for row in rows[seen:]:
+            on_epoch(row)
+        seen = len(rows)
+        if ended:
+            return detail
+        time.sleep(interval)

@@ -120,6 +120,30 @@ def test_training_with_loader_workers_gives_the_weights_of_training_without(stor
     assert tr["samples"] == 120 and tr["samples_per_s"] > 0
 
 
+def test_a_run_with_loader_workers_stopped_mid_epoch_resumes_to_the_same_weights(store):
+    from workers.shutdown import StopRequested
+
+    full, _ = _fit(store, train=_loader(store, augment="light"))
+    asked = {"n": 0}
+
+    def stop_inside_epoch_2() -> bool:
+        asked["n"] += 1
+        return asked["n"] > 20  # epoch 1 has 15-17 batches of 8
+
+    saved: list[dict] = []
+    pooled = _loader(store, augment="light", workers=2)
+    try:
+        with pytest.raises(StopRequested):
+            _fit(store, train=pooled, should_stop=stop_inside_epoch_2,
+                 on_interrupt=lambda c: saved.append(checkpoint.loads(checkpoint.dumps(c))))
+        assert saved[0]["epoch"] == 1 and saved[0]["batch"] > 0
+        resumed, _ = _fit(store, train=pooled, resume=saved[0])
+    finally:
+        pooled.close()
+    for k, v in full.model.state_dict().items():
+        assert torch.equal(v, resumed.model.state_dict()[k]), k
+
+
 def test_a_compiled_run_checkpoints_plain_weights_that_resume_without_compiling(store):
     _, epochs = _fit(store, train=_loader(store), compile=True)
     assert epochs[1]["train"]["compiled"] == 1

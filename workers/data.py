@@ -24,7 +24,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from shared.errors import ArtifactError, InputError
 from shared.shardfmt import unpack
-from workers.audio import log_mel, read_wav
+from workers.audio import N_FFT, log_mel, read_wav
 from workers.augment import Augment
 from workers.models import PAD, ModelConfig
 
@@ -61,7 +61,8 @@ def to_model_input(rgb: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
 def wav_to_model_input(data: bytes, cfg: ModelConfig, name: str = "clip") -> torch.Tensor:
     """WAV bytes -> (1, n_mels, frames) uint8 log-mel. Raises InputError."""
     samples, rate = read_wav(data, name)
-    return log_mel(samples, rate, cfg.sample_rate, cfg.n_mels, cfg.hop, cfg.in_width)
+    return log_mel(samples, rate, cfg.sample_rate, cfg.n_mels, cfg.hop, cfg.in_width,
+                   cfg.n_fft or N_FFT)
 
 
 def normalize(x: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:

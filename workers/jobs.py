@@ -185,7 +185,7 @@ def model_config(dataset: Dataset, spec: TrainSpec) -> ModelConfig:
             **common, in_height=AUDIO_MELS,
             in_width=clip_frames(dataset.length, rate, AUDIO_HOP),
             image_height=0, image_width=0, modality="audio", sample_rate=rate,
-            n_mels=AUDIO_MELS, hop=AUDIO_HOP, channels=AUDIO_CHANNELS,
+            n_mels=AUDIO_MELS, hop=AUDIO_HOP, n_fft=2 * AUDIO_HOP, channels=AUDIO_CHANNELS,
         )
     scale = spec.scale or (1.0 if dataset.kind == "mnist" else 0.5)
     return ModelConfig(

@@ -46,6 +46,7 @@ class ModelConfig:
     sample_rate: int = 8000  # audio: Hz
     n_mels: int = 0  # audio: mel bands (the input height)
     hop: int = 0  # audio: samples per frame
+    n_fft: int = 0  # audio: STFT window, samples
     augment: str = "none"  # training-time augmentation preset (workers.augment)
 
     @property

@@ -48,15 +48,16 @@ class Preset:
 
 
 PRESETS: dict[str, Preset] = {p.name: p for p in (
-    # 4 digits at 160x60, read at 80x30 by the multi-head CNN. The demo's 32k training
-    # images and 8 epochs reach 0.990 on a held-out set; 2.5 times the data and 10
-    # epochs go after the remaining per-character errors, in about 40 minutes of a
-    # 2-core CPU.
+    # 4 digits at 160x60, read at 80x30 by the multi-head CNN: 0.9972 whole-sequence
+    # on 10,000 captchas from the plain captcha package, 36 minutes on a 2-core CPU
+    # from generation to result (BENCHMARKS.md). The demo's 32k images and 8 epochs
+    # reach 0.990.
     Preset("digits4", 0.995, count=100_000, length=4, charset="digits",
            model="multihead", epochs=10, lr=3e-3, batch_size=64, augment="none",
            scale=0.5),
     # 4 of 36 characters: CTC over a bidirectional GRU, as captcha_break's 99.57%,
-    # at 120x45 so that letters keep their strokes.
+    # at 120x45 so that letters keep their strokes. Not measured yet: about 16 hours
+    # on a 2-core CPU, meant for a GPU.
     Preset("digits-upper4", 0.996, count=300_000, length=4, charset="digits-upper",
            model="crnn", epochs=30, lr=2e-3, batch_size=128, augment="light",
            scale=0.75),

@@ -116,3 +116,13 @@ def test_the_train_loader_augments_as_a_function_of_seed_and_epoch():
     random.seed(0)  # python's RNG is not what makes it reproducible either
     assert all(torch.equal(a[0], b[0]) for a, b in
                zip(light, loader("light").epoch(1), strict=True))
+
+
+def test_digits_white_on_black_get_black_moved_in_at_the_edges():
+    x = torch.zeros(16, 1, 28, 28, dtype=torch.uint8)
+    x[:, :, 9:19, 11:17] = 255  # a stroke in the middle
+    dark = Augment("strong", fill=0)(x, seed=2)
+    light = Augment("strong")(x, seed=2)  # the captcha default: light grey comes in
+    edges = torch.cat([dark[..., 0, :], dark[..., -1, :], dark[..., :, 0], dark[..., :, -1]])
+    assert edges.float().mean() < 10
+    assert light[..., 0, :].float().mean() > dark[..., 0, :].float().mean() + 50

@@ -43,18 +43,18 @@ FILL = 240
 CHUNK = 8
 
 
-def _image_transform(preset: str) -> Callable[[torch.Tensor], torch.Tensor]:
+def _image_transform(preset: str, fill: int) -> Callable[[torch.Tensor], torch.Tensor]:
     if preset == "light":
         return v2.Compose([
             v2.RandomAffine(degrees=4, translate=(0.03, 0.08), scale=(0.93, 1.03),
-                            shear=(-6, 6, -3, 3), fill=FILL),
+                            shear=(-6, 6, -3, 3), fill=fill),
             v2.ColorJitter(brightness=0.15, contrast=0.2),
         ])
     return v2.Compose([
         v2.RandomAffine(degrees=8, translate=(0.04, 0.12), scale=(0.85, 1.05),
-                        shear=(-12, 12, -4, 4), fill=FILL),
-        v2.RandomPerspective(distortion_scale=0.2, p=0.5, fill=FILL),
-        v2.RandomApply([v2.ElasticTransform(alpha=12.0, sigma=3.0, fill=FILL)], p=0.3),
+                        shear=(-12, 12, -4, 4), fill=fill),
+        v2.RandomPerspective(distortion_scale=0.2, p=0.5, fill=fill),
+        v2.RandomApply([v2.ElasticTransform(alpha=12.0, sigma=3.0, fill=fill)], p=0.3),
         v2.RandomApply([v2.GaussianBlur(3, sigma=(0.1, 0.8))], p=0.2),
         v2.ColorJitter(brightness=0.3, contrast=0.3),
     ])
@@ -66,18 +66,20 @@ _AUDIO_MASKS = {"light": (1, 4, 2, 3), "strong": (2, 6, 3, 5)}
 
 
 class Augment:
-    """``Augment(preset, modality)(x, seed)``: distort a (N, 1, H, W) uint8 batch.
+    """``Augment(preset, modality, fill)(x, seed)``: distort a (N, 1, H, W) uint8 batch.
 
-    Returns a new uint8 tensor of the same shape; ``x`` is not modified. The result is
-    a function of (``x``, ``seed``) only. Raises ValueError for an unknown preset.
+    ``fill`` is the grey that moves in at the edges: a captcha's background (FILL), or
+    0 for MNIST-style digits, white on black. Returns a new uint8 tensor of the same
+    shape; ``x`` is not modified. The result is a function of (``x``, ``seed``) only.
+    Raises ValueError for an unknown preset.
     """
 
-    def __init__(self, preset: str, modality: str = "image") -> None:
+    def __init__(self, preset: str, modality: str = "image", fill: int = FILL) -> None:
         if preset not in PRESETS:
             raise ValueError(f"unknown augmentation {preset!r}: choose from {PRESETS}")
         self.preset = preset
         self.modality = modality
-        self._image = (_image_transform(preset)
+        self._image = (_image_transform(preset, fill)
                        if preset != "none" and modality == "image" else None)
 
     def __call__(self, x: torch.Tensor, seed: int) -> torch.Tensor:

@@ -25,7 +25,7 @@ from torchvision.transforms.v2 import functional as TF
 from shared.errors import ArtifactError, InputError
 from shared.shardfmt import unpack
 from workers.audio import N_FFT, log_mel, read_wav
-from workers.augment import Augment
+from workers.augment import FILL, Augment
 from workers.models import PAD, ModelConfig
 
 
@@ -194,7 +194,9 @@ class ShardLoader:
     def __post_init__(self) -> None:
         self._cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
         self._cached = 0
-        self._augment = Augment(self.augment, self.cfg.modality)
+        # MNIST-style inputs are white on black; captchas dark on a light background.
+        self._augment = Augment(self.augment, self.cfg.modality,
+                                fill=0 if self.cfg.preprocess == "mnist" else FILL)
         self._dl: DataLoader | None = None
         self._dl_epoch: torch.Tensor | None = None
 

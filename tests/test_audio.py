@@ -48,8 +48,8 @@ def test_a_clip_becomes_a_log_mel_image_with_silence_padding():
     assert spec.shape == (1, 32, frames) and spec.dtype == torch.uint8
     used = len(samples) // 320
     speech = spec[0, :, : used - 2]
-    assert speech.max() > 150 and speech.float().mean() > 2  # voices stand above the floor
-    assert spec[0, :, used + 2 :].max() == 0  # padding is silence (the floor)
+    assert speech.max() == 255 and speech.float().mean() > 50  # speech and noise
+    assert spec[0, :, used + 2 :].max() == 0  # padding is silence (-80 dB)
     fb = mel_filterbank(32, 8000, 640)
     assert fb.shape == (32, 321) and torch.all(fb.sum(1) > 0)
 

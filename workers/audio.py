@@ -1,7 +1,7 @@
 """The audio front end: WAV bytes to a log-mel spectrogram the CNNs read as an image.
 
-The spectrogram is stored as uint8 (0 = a band's noise floor, 255 = 60 dB above it),
-so audio travels through the same loader, cache and normalization as grey
+The spectrogram is stored as uint8 (0 = 80 dB below the clip's loudest band, 255 = the
+loudest), so audio travels through the same loader, cache and normalization as grey
 images. torchaudio is not a dependency: the mel filterbank is the HTK formula
 (2595·log10(1 + f/700)) over ``torch.stft``, a dozen lines.
 """
@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from shared.errors import InputError
 
 N_FFT = 640  # 80 ms at 8 kHz: twice the hop, so the frames overlap and miss nothing
-RANGE_DB = 60.0  # levels from a band's noise floor up to this many dB above it
+RANGE_DB = 80.0  # levels from this many dB below the clip's loudest up to it
 # captcha's AudioCaptcha: three beeps and two silences (0.9 s), then per character a
 # voice of at most 0.8 s slowed by up to 1.2 and a pause of at most 3 s.
 LEAD_SECONDS = 0.9
@@ -93,10 +93,11 @@ def log_mel(samples: torch.Tensor, rate: int, sample_rate: int, n_mels: int, hop
     spec = torch.stft(samples, n_fft, hop_length=hop, window=torch.hann_window(n_fft),
                       center=True, return_complex=True).abs() ** 2  # (F, T)
     db = 10.0 * torch.log10(mel_filterbank(n_mels, sample_rate, n_fft) @ spec + 1e-10)
-    # Each band's median over the clip is its noise floor (the voices are brief): what
-    # the model sees is the level above that floor, so hiss and hum read as black.
-    db = torch.clamp(db - db.median(dim=1, keepdim=True).values, min=0.0, max=RANGE_DB)
-    img = (db * (255.0 / RANGE_DB)).round().to(torch.uint8).flip(0)
+    # Relative to the clip's loudest band and frame, so the level a clip was recorded
+    # at does not matter. (Levels above each band's median floor were tried: on clean
+    # clips, with a floor of digital silence, every voice saturated to white.)
+    db = torch.clamp(db - db.max(), min=-RANGE_DB)
+    img = ((db + RANGE_DB) * (255.0 / RANGE_DB)).round().to(torch.uint8).flip(0)
     out = torch.zeros(1, n_mels, frames, dtype=torch.uint8)
     t = min(frames, img.shape[1])
     out[0, :, :t] = img[:, :t]

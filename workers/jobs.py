@@ -167,6 +167,7 @@ AUDIO_MELS = 32  # mel bands: the spectrogram's height
 # 17 s clip is 423 frames, which keeps a CPU epoch of audio affordable.
 AUDIO_HOP = 320
 AUDIO_CHANNELS = 16  # the trunk's width: a clip is 5x an 80x30 captcha's pixels
+AUDIO_TIME_POOL = 8  # crnn: 320 ms per CTC step, 52 steps for 4 digits
 
 
 def model_config(dataset: Dataset, spec: TrainSpec) -> ModelConfig:
@@ -186,6 +187,7 @@ def model_config(dataset: Dataset, spec: TrainSpec) -> ModelConfig:
             in_width=clip_frames(dataset.length, rate, AUDIO_HOP),
             image_height=0, image_width=0, modality="audio", sample_rate=rate,
             n_mels=AUDIO_MELS, hop=AUDIO_HOP, n_fft=2 * AUDIO_HOP, channels=AUDIO_CHANNELS,
+            time_pool=AUDIO_TIME_POOL,
         )
     scale = spec.scale or (1.0 if dataset.kind == "mnist" else 0.5)
     return ModelConfig(

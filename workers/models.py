@@ -48,6 +48,9 @@ class ModelConfig:
     hop: int = 0  # audio: samples per frame
     n_fft: int = 0  # audio: STFT window, samples
     augment: str = "none"  # training-time augmentation preset (workers.augment)
+    # crnn: input columns per CTC time step (4, 8 or 16). Long audio needs coarser
+    # steps: CTC over hundreds of steps for 4 characters sits on all-blank for long.
+    time_pool: int = 4
 
     @property
     def ctc(self) -> bool:
@@ -127,17 +130,19 @@ class LeNet(nn.Module):
 class CRNN(nn.Module):
     """Convolutions, a bidirectional GRU along the width, and a CTC output per column.
 
-    Pooling halves the height four times but the width only twice, so an 80 px wide
-    input gives 20 time steps: room for texts of any length up to about half that.
+    Pooling halves the height four times but the width only twice (``time_pool`` 4),
+    so an 80 px wide input gives 20 time steps: room for texts of any length up to
+    about half that.
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         c = cfg.channels
         self.cfg = cfg
+        pools = {4: (2, 2, 1, 1), 8: (2, 2, 2, 1), 16: (2, 2, 2, 2)}[cfg.time_pool]
         self.trunk = nn.Sequential(
-            conv_block(1, c), conv_block(c, 2 * c), conv_block(2 * c, 4 * c, (2, 1)),
-            conv_block(4 * c, 4 * c, (2, 1)),
+            conv_block(1, c, (2, pools[0])), conv_block(c, 2 * c, (2, pools[1])),
+            conv_block(2 * c, 4 * c, (2, pools[2])), conv_block(4 * c, 4 * c, (2, pools[3])),
         )
         with torch.no_grad():
             _, ch, h, _ = self.trunk(torch.zeros(1, 1, cfg.in_height, cfg.in_width)).shape
@@ -167,7 +172,10 @@ def build_model(cfg: ModelConfig) -> nn.Module:
 
 def time_steps(cfg: ModelConfig) -> int:
     """How many CTC time steps a ``crnn`` gives for ``cfg``'s input width."""
-    return cfg.in_width // 4
+    width = cfg.in_width
+    for _ in range(cfg.time_pool.bit_length() - 1):
+        width //= 2
+    return width
 
 
 @torch.no_grad()

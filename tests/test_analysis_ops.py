@@ -230,7 +230,10 @@ def test_an_artifact_named_by_an_analysis_file_is_never_deleted(backend):
     assert run_explore(job_id) is not None
     before = fetch(job_id).files
     with session_scope() as s:
-        shas = list(s.execute(select(AnalysisFile.sha256)).scalars())
+        # The PostgreSQL database is shared by the session's tests: this job's files.
+        shas = list(s.execute(
+            select(AnalysisFile.sha256).join(Analysis, Analysis.id == AnalysisFile.analysis_id)
+            .where(Analysis.job_id == job_id)).scalars())
     assert len(shas) == len(IRIS_FILES)
     for sha in shas:
         with session_scope() as s:

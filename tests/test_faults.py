@@ -24,6 +24,8 @@ from scheduler.cli import app
 from shared import shardfmt
 from shared.db import session_scope
 from shared.schema import Artifact, ArtifactChunk, Job, Metric, Model, Run, Shard
+from shared.spec import GenerateSpec
+from workers.jobs import generated_meta
 
 pytestmark = pytest.mark.integration
 runner = CliRunner()
@@ -56,14 +58,12 @@ def _clean_hashes(job_id: int) -> list[str]:
     from workers.synth import render_items
 
     with session_scope() as s:
-        spec = s.get(Job, job_id).spec
+        spec = GenerateSpec(**s.get(Job, job_id).spec)
     out = []
     for sh in _shards(job_id):
-        items = render_items(sh.seed, sh.start, sh.count, "0123456789", spec["length"],
-                             spec["width"], spec["height"])
-        meta = {"split": sh.split, "start": sh.start, "charset": "0123456789",
-                "length": spec["length"], "width": spec["width"], "height": spec["height"],
-                "seed": sh.seed}
+        items = render_items(sh.seed, sh.start, sh.count, "0123456789", spec.length,
+                             spec.width, spec.height)
+        meta = generated_meta(spec, sh)
         out.append(hashlib.sha256(shardfmt.pack(items, meta)).hexdigest())
     return out
 

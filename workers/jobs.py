@@ -87,12 +87,17 @@ def generate_shard(job_id: int, index: int, worker: str, retry: int = 0,
             shard.seed, shard.start, shard.count, spec.charset, spec.length, spec.width,
             spec.height, progress=progress, min_length=spec.min_length,
         )
-    meta = {
+    return _store_shard(job_id, index, shardfmt.pack(items, generated_meta(spec, shard)),
+                        worker)
+
+
+def generated_meta(spec: GenerateSpec, shard: Shard) -> dict[str, Any]:
+    """The manifest fields of a generated shard: enough to re-render it exactly."""
+    return {
         "split": shard.split, "start": shard.start, "kind": spec.kind,
         "charset": spec.charset, "length": spec.length, "min_length": spec.min_length,
         "width": spec.width, "height": spec.height, "seed": shard.seed,
     }
-    return _store_shard(job_id, index, shardfmt.pack(items, meta), worker)
 
 
 def split_permutation(n: int, seed: int) -> list[int]:

@@ -207,9 +207,11 @@ def model_config(dataset: Dataset, spec: TrainSpec) -> ModelConfig:
 HELD = {"held": True}  # train_run's answer when another live process holds the run
 # Decoded-shard caches of a training run, bytes: the train and val splits are read
 # every epoch; the test split once, so caching it would only hold memory. Together
-# they bound what a run keeps beyond the group of shards it is training on.
-TRAIN_CACHE_BYTES = 384 * 2**20
-VAL_CACHE_BYTES = 128 * 2**20
+# they bound what a run keeps beyond the group of shards it is training on: 256 MiB
+# holds the digits4 preset's 80k training images at 80x30 (186 MiB), and keeps a
+# 200k-image run under 1.5 GB of RSS (BENCHMARKS.md).
+TRAIN_CACHE_BYTES = 192 * 2**20
+VAL_CACHE_BYTES = 64 * 2**20
 
 
 def train_run(run_id: int, worker: str, progress: Any = None) -> dict[str, Any] | None:

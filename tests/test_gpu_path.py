@@ -212,3 +212,21 @@ def test_a_train_job_with_loader_workers_and_augmentation_runs_in_a_real_worker(
     assert run["spec"]["augment"] == "light" and run["spec"]["loader_workers"] == 2
     assert [e["train_loader_workers"] for e in run["per_epoch"]] == [2, 2]
     assert all(e["train_samples_per_s"] > 0 for e in run["per_epoch"])
+
+
+@pytest.mark.integration
+def test_a_compiled_train_job_runs_in_a_real_prefork_worker(sqlite_env, start_worker):
+    from scheduler.cli import app
+
+    runner = CliRunner()
+    start_worker(sqlite_env, queues="cpu,gpu", concurrency=2)
+    out = runner.invoke(app, ["generate", "--name", "cw", "--count", "200", "--shard-size",
+                              "50", "--seed", "4", "--wait", "--json"])
+    assert out.exit_code == 0 and json.loads(out.output)["status"] == "done", out.output
+    out = runner.invoke(app, ["train", "--dataset", "cw", "--epochs", "1", "--batch-size",
+                              "32", "--compile", "--wait", "--json"])
+    assert out.exit_code == 0, out.output
+    run = json.loads(runner.invoke(app, ["run", str(json.loads(out.output)["run"]["id"]),
+                                         "--json"]).output)
+    assert run["status"] == "done", run["error"]
+    assert run["per_epoch"][0]["train_compiled"] == 1

@@ -36,7 +36,8 @@ def _open(path: Path | str, data: bytes | None = None) -> Image.Image:
     except IsADirectoryError as exc:
         raise InputError(f"{path}: is a directory") from exc
     except (UnidentifiedImageError, Image.DecompressionBombError,
-            Image.DecompressionBombWarning) as exc:
+            Image.DecompressionBombWarning, ValueError, SyntaxError) as exc:
+        # Pillow raises ValueError for some broken headers ("Truncated IHDR chunk").
         raise InputError(f"{path}: not a readable image ({exc})") from exc
     except OSError as exc:
         raise InputError(f"{path}: cannot be read ({exc})") from exc

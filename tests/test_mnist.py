@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from scheduler.cli import app
 from shared.db import session_scope
-from shared.schema import Dataset, Job, Model, Shard
+from shared.schema import Dataset, Job, Shard
 from workers.digits import mnist_input
 
 runner = CliRunner()
@@ -143,20 +143,21 @@ def test_mnist_files_import_train_and_predict_a_digit_not_in_them(backend, start
     assert splits == {"train": 1312, "val": 145, "test": 300}
 
     start_worker(backend, queues="gpu", concurrency=1)
+    runs = {}
     for model in ("cnn", "lenet"):
         result = runner.invoke(app, ["train", "--dataset", "mnist", "--model", model,
                                      "--epochs", "4" if model == "cnn" else "6",
                                      "--lr", "0.003", "--wait", "--json"])
         assert result.exit_code == 0, result.output
-        test = json.loads(result.output)["run"]["test"]
+        runs[model] = json.loads(result.output)["run"]
+        test = runs[model]["test"]
         print(f"\n{model}: test accuracy {test['seq_acc']:.4f} on {test['count']} digits")
         assert test["count"] == 300 and test["seq_acc"] >= (0.9 if model == "cnn" else 0.8)
         matrix = np.array(test["confusion"][0])
         assert matrix.shape == (10, 10) and matrix.sum() == 300
         assert np.trace(matrix) / 300 == pytest.approx(test["seq_acc"])
 
-    with session_scope() as s:
-        cnn_run = s.execute(select(Model.run_id).order_by(Model.id)).scalars().first()
+    cnn_run = runs["cnn"]["id"]
     paths = []
     for i, (im, label) in enumerate(zip(held_images[:10], held_labels[:10], strict=True)):
         path = tmp_path / f"my_digit_{i}.png"

@@ -85,10 +85,10 @@ def test_a_report_of_a_trained_run_renders_with_every_image_loaded_in_chromium(
         backend, start_worker, tmp_path):
     _chromium()  # before the slow part: skip (or fail under CI) at once without it
     start_worker(backend, queues="cpu,gpu", concurrency=2)
-    gen = _ok(["generate", "--name", "tiny", "--count", "160", "--shard-size", "40",
+    gen = _ok(["generate", "--name", "report-tiny", "--count", "160", "--shard-size", "40",
                "--seed", "5", "--wait", "--json"])
     assert gen["status"] == "done"
-    trained = _ok(["train", "--dataset", "tiny", "--epochs", "2", "--batch-size", "32",
+    trained = _ok(["train", "--dataset", "report-tiny", "--epochs", "2", "--batch-size", "32",
                    "--wait", "--json"])
     run = trained["run"]
     out = tmp_path / "report"
@@ -125,7 +125,7 @@ def test_a_report_of_a_trained_run_renders_with_every_image_loaded_in_chromium(
     page = (out / "index.html").read_text()
     srcs = re.findall(r'<img src="([^"]+)"', page)
     assert sorted(srcs) == ["confusion.png", "curves.png", "grid.png"]  # relative links
-    assert f"run {run['id']} on tiny" in page
+    assert f"run {run['id']} on report-tiny" in page
 
     assert _images_loaded(out, tmp_path) == "3/3"
     colours, _ = _screenshot_is_not_blank(out, tmp_path)

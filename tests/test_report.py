@@ -138,8 +138,10 @@ def test_a_report_of_a_trained_run_renders_with_every_image_loaded_in_chromium(
     assert people.exit_code == 0, people.output
     assert "seq_acc" in people.output and "index.html" in people.output
     with session_scope() as db:
+        # This run's reports only: a session's PostgreSQL database holds other tests' too.
         assert db.execute(select(func.count()).select_from(Analysis)
-                          .where(Analysis.kind == "report")).scalar_one() == 2
+                          .where(Analysis.kind == "report",
+                                 Analysis.subject == f"run {run['id']}")).scalar_one() == 2
     print(f"\nreport of run {run['id']}: {rep['evaluated']} test items, seq_acc "
           f"{rep['seq_acc']:.4f}, char_acc {rep['char_acc']:.4f}; PNG sizes {sizes}; "
           f"screenshot {colours} colours")

@@ -19,7 +19,8 @@ from scheduler.submit import enqueue_analysis
 from shared.artifacts import read_verified
 from shared.db import session_scope
 from shared.errors import CaptrainError, InputError, NotFound, SpecError, StateError
-from shared.schema import DONE, Analysis, Dataset, Job, Model, Run
+from shared.records import finished_run
+from shared.schema import DONE, Analysis, Job, Model
 from shared.settings import get_settings
 
 # What `captrain explore` can explore. The worker checks the same list
@@ -84,15 +85,9 @@ def plan_report(run_id: int, limit: int = REPORT_LIMIT) -> int:
     if not 1 <= limit <= REPORT_LIMIT_MAX:
         raise SpecError(f"--limit must be between 1 and {REPORT_LIMIT_MAX}, not {limit}")
     with session_scope() as s:
-        run = s.get(Run, run_id)
-        if run is None:
-            raise NotFound(f"no run {run_id}")
-        if run.status != DONE:
-            raise StateError(f"run {run_id} is {run.status}; a report needs a finished run")
+        _, dataset = finished_run(s, run_id)
         if s.execute(select(Model.id).where(Model.run_id == run_id)).first() is None:
             raise StateError(f"run {run_id} has no stored model")
-        dataset = s.get(Dataset, run.dataset_id)
-        assert dataset is not None
         if dataset.kind == "iris":
             # A tabular model has no test items to show and no characters to confuse.
             raise StateError(f"run {run_id} classifies Iris rows; a report shows runs on "

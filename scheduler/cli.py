@@ -377,7 +377,7 @@ def train(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")] = "auto",
     seed: Annotated[int, typer.Option(help="Seed of init and data order.")] = 0,
     scale: Annotated[float | None, typer.Option(
-        help="Image scale the model sees [default: 0.5 for captchas, 1 for digits].")
+        help="Image scale the model sees (default: 0.5 for captchas, 1 for digits).")
     ] = None,
     time_limit: Annotated[int, typer.Option(
         help="Hard limit, seconds; below CAPTRAIN_VISIBILITY_TIMEOUT.")] = 12 * 3600 - 600,
@@ -513,7 +513,8 @@ def reconcile_cmd(
         if as_json:
             _emit(sent, True)
         else:
-            console.print(f"re-sent {sent['shards']} shard tasks and {sent['runs']} runs")
+            console.print(f"re-sent {sent['shards']} shard tasks, {sent['runs']} runs and "
+                          f"{sent['analyses']} analyses")
         if every is None:
             return
         time.sleep(every)

@@ -358,6 +358,21 @@ def upsert_metrics(
         )
 
 
+def finished_run(session: Session, run_id: int) -> tuple[Run, Dataset]:
+    """The run ``run_id`` and its dataset, for work that needs a finished run (a report).
+
+    Raises NotFound for an unknown run, StateError for one that is not done.
+    """
+    run = session.get(Run, run_id)
+    if run is None:
+        raise NotFound(f"no run {run_id}")
+    if run.status != DONE:
+        raise StateError(f"run {run_id} is {run.status}; a report needs a finished run")
+    dataset = session.get(Dataset, run.dataset_id)
+    assert dataset is not None  # a foreign key
+    return run, dataset
+
+
 def find_model(session: Session, ref: str) -> Model:
     """Resolve ``ref``: ``latest``, a run id, or a dataset name (its newest model).
 

@@ -12,6 +12,7 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -50,21 +51,32 @@ def pg_url() -> Iterator[str]:
     Created empty and dropped at the end, so that concurrent test sessions (a CI
     clone beside a working tree) never drop each other's tables.
     """
+    with scratch_pg_database("captrain_test") as url:
+        yield url
+
+
+@contextmanager
+def scratch_pg_database(prefix: str) -> Iterator[str]:
+    """Create an empty PostgreSQL database named ``prefix_<pid>_<hex>`` on the server of
+    PG_URL, yield its URL, and drop it on exit. Skips (or fails, under CI) when the
+    server is unreachable."""
     from sqlalchemy import create_engine, text
     from sqlalchemy.engine import make_url
 
     server = make_url(PG_URL)
-    name = f"captrain_test_{os.getpid()}_{uuid.uuid4().hex[:6]}"
+    name = f"{prefix}_{os.getpid()}_{uuid.uuid4().hex[:6]}"
     try:
         admin = create_engine(server, isolation_level="AUTOCOMMIT")
         with admin.connect() as conn:
             conn.execute(text(f'CREATE DATABASE "{name}"'))
     except Exception as exc:
         _missing("PostgreSQL", exc)
-    yield server.set(database=name).render_as_string(hide_password=False)
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
+    try:
+        yield server.set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
 
 
 def _reset_process_caches() -> None:

@@ -13,9 +13,8 @@ from pathlib import Path
 
 import pytest
 import redis
-from conftest import PG_URL, _missing, wait_for
+from conftest import scratch_pg_database, wait_for
 from sqlalchemy import create_engine, func, inspect, select, text, update
-from sqlalchemy.engine import make_url
 from typer.testing import CliRunner
 
 from scheduler.analysis import enqueue, fetch, plan_explore
@@ -258,18 +257,8 @@ def empty_db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'migrate.db'}"
         return
-    server = make_url(PG_URL)
-    name = f"captrain_mig_{os.getpid()}_{uuid.uuid4().hex[:6]}"
-    try:
-        admin = create_engine(server, isolation_level="AUTOCOMMIT")
-        with admin.connect() as conn:
-            conn.execute(text(f'CREATE DATABASE "{name}"'))
-    except Exception as exc:
-        _missing("PostgreSQL", exc)
-    yield server.set(database=name).render_as_string(hide_password=False)
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
+    with scratch_pg_database("captrain_mig") as url:
+        yield url
 
 
 def test_migration_0004_gives_existing_jobs_zero_attempts_and_downgrades(empty_db):

@@ -21,8 +21,8 @@ from sqlalchemy import select, update
 from shared import shardfmt
 from shared.artifacts import put_bytes, read_verified
 from shared.db import insert_for, session_scope
-from shared.errors import NotFound, StateError
-from shared.records import start_job
+from shared.errors import StateError
+from shared.records import finished_run, start_job
 from shared.schema import (
     CANCELLED,
     DONE,
@@ -31,10 +31,8 @@ from shared.schema import (
     RUNNING,
     Analysis,
     AnalysisFile,
-    Dataset,
     Job,
     Metric,
-    Run,
     Shard,
     utcnow,
 )
@@ -135,13 +133,7 @@ def run_report(job_id: int, retry: int = 0) -> int | None:
         return None
     run_id, limit = int(spec["run"]), int(spec["limit"])
     with session_scope() as s:
-        run = s.get(Run, run_id)
-        if run is None:
-            raise NotFound(f"no run {run_id}")
-        if run.status != DONE:
-            raise StateError(f"run {run_id} is {run.status}; a report needs a finished run")
-        dataset = s.get(Dataset, run.dataset_id)
-        assert dataset is not None
+        run, dataset = finished_run(s, run_id)
         name, kind, charset, layout = (dataset.name, dataset.kind, dataset.charset,
                                        dataset.layout_job_id)
         epochs = run.epochs_done

@@ -59,6 +59,33 @@ def workers(queues: str, processes: int, home: Path) -> Iterator[None]:
         stop_worker(proc)
 
 
+def generate_then_train(home: Path, gspec: Any, tspec: Any, cpu_processes: int = 2
+                        ) -> tuple[int, float, float]:
+    """Run the generate job of ``gspec`` on a cpu worker of ``cpu_processes``, then the
+    train job of ``tspec`` on one gpu worker. Returns (run id, seconds generating,
+    seconds training). Raises RuntimeError when either job ends other than done."""
+    from rich.console import Console
+
+    from scheduler import watch
+    from scheduler.plan import plan_generate, plan_train
+    from scheduler.submit import enqueue_shards, enqueue_train
+
+    quiet = Console(quiet=True)
+    t0 = time.monotonic()
+    with workers("cpu", cpu_processes, home):
+        job, idx = plan_generate(gspec)
+        enqueue_shards("generate", job, idx)
+        if (end := watch.wait(job, quiet, interval=1.0, quiet=True)) != "done":
+            raise RuntimeError(f"generate job {job} ended {end}")
+    t_gen = time.monotonic() - t0
+    with workers("gpu", 1, home):
+        run_id, tjob = plan_train(tspec)
+        enqueue_train(run_id, tjob, tspec.time_limit)
+        if (end := watch.wait(tjob, quiet, interval=2.0, quiet=True)) != "done":
+            raise RuntimeError(f"train job {tjob} ended {end}")
+    return run_id, t_gen, time.monotonic() - t0 - t_gen
+
+
 def machine() -> str:
     return (f"{platform.node()} {platform.machine()} {os.cpu_count()} cores, "
             f"Python {platform.python_version()}, {datetime.now(UTC):%Y-%m-%d}")

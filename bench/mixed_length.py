@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import random
 import sys
-import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from pathlib import Path
 sys.path[0] = str(Path(__file__).resolve().parent.parent)
 from rich.console import Console  # noqa: E402
 
-from bench.harness import isolated_home, machine, workers  # noqa: E402
+from bench.harness import generate_then_train, isolated_home, machine  # noqa: E402
 
 HOME = isolated_home()
 
@@ -41,29 +40,16 @@ def main() -> None:
 
     from captcha.image import ImageCaptcha
 
-    from scheduler import status, watch
-    from scheduler.plan import plan_generate, plan_train
-    from scheduler.submit import enqueue_shards, enqueue_train
+    from scheduler import status
     from shared.spec import CHARSETS, GenerateSpec, TrainSpec, validate
     from workers.predict import Predictor
 
     console = Console()
-    quiet = Console(quiet=True)
-    t0 = time.monotonic()
     gspec = validate(GenerateSpec, name="mixed", count=args.images, length=args.length,
                      min_length=args.min_length, charset=args.charset, shard_size=500, seed=4)
-    with workers("cpu", 2, HOME):
-        job, idx = plan_generate(gspec)
-        enqueue_shards("generate", job, idx)
-        assert watch.wait(job, quiet, interval=0.5, quiet=True) == "done"
-    t_gen = time.monotonic() - t0
     tspec = validate(TrainSpec, dataset="mixed", model="crnn", epochs=args.epochs,
                      batch_size=args.batch_size, lr=args.lr)
-    with workers("gpu", 1, HOME):
-        run_id, tjob = plan_train(tspec)
-        enqueue_train(run_id, tjob, tspec.time_limit)
-        assert watch.wait(tjob, quiet, interval=1.0, quiet=True) == "done"
-    t_train = time.monotonic() - t0 - t_gen
+    run_id, t_gen, t_train = generate_then_train(HOME, gspec, tspec)
     test = status.run_detail(run_id)["test"]
 
     predictor = Predictor.load(str(run_id))

@@ -118,6 +118,25 @@ def test_lenet_and_crnn_give_their_output_shapes():
     assert out.shape == (2, time_steps(CTC_CFG), 11)  # (B, T, C + blank)
 
 
+@pytest.mark.parametrize("pool", [4, 8, 16])
+def test_the_audio_crnn_convolves_mel_bands_along_time_to_its_step_count(pool):
+    cfg = ModelConfig(charset="0123456789", length=4, in_height=32, in_width=423,
+                      image_height=0, image_width=0, arch="crnn", modality="audio",
+                      channels=8, time_pool=pool, trunk="1d")
+    net = build_model(cfg)
+    assert not any(isinstance(m, torch.nn.Conv2d) for m in net.modules())
+    assert net(torch.zeros(2, 1, 32, 423)).shape == (2, time_steps(cfg), 11)
+    assert time_steps(cfg) == 423 // pool
+
+
+def test_a_stored_config_without_a_trunk_rebuilds_the_2d_crnn_it_was_trained_as():
+    stored = CTC_CFG.to_dict()
+    del stored["trunk"]  # configs saved before the 1d trunk existed
+    net = build_model(ModelConfig.from_dict(stored))
+    assert any(isinstance(m, torch.nn.Conv2d) for m in net.modules())
+    assert set(net.state_dict()) == set(build_model(CTC_CFG).state_dict())
+
+
 def test_variable_length_labels_pad_and_refuse_lengths_outside_the_range():
     assert encode_label("0782", "0123456789", 6, 4) == [0, 7, 8, 2, PAD, PAD]
     assert decode_label([0, 7, 8, 2, PAD, PAD], "0123456789") == "0782"

@@ -171,14 +171,17 @@ AUDIO_MELS = 32  # mel bands: the spectrogram's height
 # Samples per frame: 40 ms at 8 kHz. A spoken digit still spans 10-20 frames, and a
 # 17 s clip is 423 frames, which keeps a CPU epoch of audio affordable.
 AUDIO_HOP = 320
-AUDIO_CHANNELS = 16  # the trunk's width: a clip is 5x an 80x30 captcha's pixels
+# The trunk's width. The crnn reads audio with its 1d trunk (mel bands as channels),
+# which affords 64; the 2d trunk of the fixed-length models is held to 16, since a
+# clip is 5x an 80x30 captcha's pixels.
+AUDIO_CHANNELS = {"1d": 64, "2d": 16}
 AUDIO_TIME_POOL = 8  # crnn: 320 ms per CTC step, 52 steps for 4 digits
 
 
 def model_config(dataset: Dataset, spec: TrainSpec) -> ModelConfig:
     """The model's input and output shape for ``dataset``, by its kind."""
     from workers.audio import clip_frames
-    from workers.models import ModelConfig
+    from workers.models import CTC_ARCHS, ModelConfig
 
     common: dict[str, Any] = {
         "charset": dataset.charset, "length": dataset.length, "arch": spec.model,
@@ -187,12 +190,13 @@ def model_config(dataset: Dataset, spec: TrainSpec) -> ModelConfig:
     }
     if dataset.kind == "audio":
         rate = int(dataset.meta.get("sample_rate", 8000))
+        trunk = "1d" if spec.model in CTC_ARCHS else "2d"
         return ModelConfig(
             **common, in_height=AUDIO_MELS,
             in_width=clip_frames(dataset.length, rate, AUDIO_HOP),
             image_height=0, image_width=0, modality="audio", sample_rate=rate,
-            n_mels=AUDIO_MELS, hop=AUDIO_HOP, n_fft=2 * AUDIO_HOP, channels=AUDIO_CHANNELS,
-            time_pool=AUDIO_TIME_POOL,
+            n_mels=AUDIO_MELS, hop=AUDIO_HOP, n_fft=2 * AUDIO_HOP,
+            channels=AUDIO_CHANNELS[trunk], time_pool=AUDIO_TIME_POOL, trunk=trunk,
         )
     scale = spec.scale or (1.0 if dataset.kind == "mnist" else 0.5)
     return ModelConfig(

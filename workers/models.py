@@ -51,6 +51,9 @@ class ModelConfig:
     # crnn: input columns per CTC time step (4, 8 or 16). Long audio needs coarser
     # steps: CTC over hundreds of steps for 4 characters sits on all-blank for long.
     time_pool: int = 4
+    # crnn: "2d" convolves the input as an image; "1d" (audio) reads each frame's mel
+    # bands as channels and convolves along time only (see CRNN).
+    trunk: str = "2d"
 
     @property
     def ctc(self) -> bool:
@@ -127,34 +130,64 @@ class LeNet(nn.Module):
         return logits.view(len(x), self.cfg.length, len(self.cfg.charset))  # (B, L, C)
 
 
+def conv1d_block(c_in: int, c_out: int, kernel: int, pool: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv1d(c_in, c_out, kernel, padding=kernel // 2, bias=False),
+        nn.BatchNorm1d(c_out),
+        nn.ReLU(inplace=True),
+        nn.MaxPool1d(pool) if pool > 1 else nn.Identity(),
+    )
+
+
 class CRNN(nn.Module):
     """Convolutions, a bidirectional GRU along the width, and a CTC output per column.
 
-    Pooling halves the height four times but the width only twice (``time_pool`` 4),
-    so an 80 px wide input gives 20 time steps: room for texts of any length up to
-    about half that.
+    The ``2d`` trunk (images) halves the height four times but the width only twice
+    (``time_pool`` 4), so an 80 px wide input gives 20 time steps: room for texts of
+    any length up to about half that.
+
+    The ``1d`` trunk (audio) treats a spectrogram's mel bands as the channels of one
+    frame and convolves along time only. A spoken digit is a pattern across all
+    bands at once, so nothing is lost, and the activations are a fraction of the 2d
+    trunk's: on 4-digit audio captchas it trained about 2.5x faster per sample and
+    reached 0.99 whole-clip accuracy where the 2d trunk, at 16 channels, was at 0.24
+    after four times the epochs (BENCHMARKS.md).
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         c = cfg.channels
         self.cfg = cfg
-        pools = {4: (2, 2, 1, 1), 8: (2, 2, 2, 1), 16: (2, 2, 2, 2)}[cfg.time_pool]
-        self.trunk = nn.Sequential(
-            conv_block(1, c, (2, pools[0])), conv_block(c, 2 * c, (2, pools[1])),
-            conv_block(2 * c, 4 * c, (2, pools[2])), conv_block(4 * c, 4 * c, (2, pools[3])),
-        )
-        with torch.no_grad():
-            _, ch, h, _ = self.trunk(torch.zeros(1, 1, cfg.in_height, cfg.in_width)).shape
-        hidden = 4 * c
-        self.proj = nn.Linear(ch * h, hidden)
+        self.flat = cfg.trunk == "1d"
+        if self.flat:
+            p1 = {4: (2, 2, 1), 8: (2, 2, 2), 16: (2, 4, 2)}[cfg.time_pool]
+            self.trunk = nn.Sequential(
+                conv1d_block(cfg.in_height, c, 5, p1[0]), conv1d_block(c, 2 * c, 5, p1[1]),
+                conv1d_block(2 * c, 2 * c, 3, p1[2]),
+            )
+            hidden = 2 * c
+            self.proj: nn.Module = nn.Identity()
+        else:
+            pools = {4: (2, 2, 1, 1), 8: (2, 2, 2, 1), 16: (2, 2, 2, 2)}[cfg.time_pool]
+            self.trunk = nn.Sequential(
+                conv_block(1, c, (2, pools[0])), conv_block(c, 2 * c, (2, pools[1])),
+                conv_block(2 * c, 4 * c, (2, pools[2])),
+                conv_block(4 * c, 4 * c, (2, pools[3])),
+            )
+            with torch.no_grad():
+                _, ch, h, _ = self.trunk(torch.zeros(1, 1, cfg.in_height, cfg.in_width)).shape
+            hidden = 4 * c
+            self.proj = nn.Linear(ch * h, hidden)
         self.rnn = nn.GRU(hidden, hidden, batch_first=True, bidirectional=True)
         self.dropout = nn.Dropout(cfg.dropout)
         self.out = nn.Linear(2 * hidden, len(cfg.charset) + 1)  # + the blank, index 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        f = self.trunk(x)  # (B, ch, h, T)
-        f = f.permute(0, 3, 1, 2).flatten(2)  # (B, T, ch*h)
+        if self.flat:
+            f = self.trunk(x[:, 0]).transpose(1, 2)  # (B, n_mels, W) -> (B, T, 2c)
+        else:
+            f = self.trunk(x)  # (B, ch, h, T)
+            f = f.permute(0, 3, 1, 2).flatten(2)  # (B, T, ch*h)
         seq, _ = self.rnn(torch.relu(self.proj(f)))  # (B, T, 2*hidden)
         return self.out(self.dropout(seq))  # (B, T, C+1)
 

@@ -192,23 +192,31 @@ def test_ctc_loss_on_padded_targets_equals_the_concatenated_form():
     assert torch.equal(_loss(logits, y, cfg), concatenated)
 
 
-@pytest.mark.integration
-def test_a_train_job_with_loader_workers_and_augmentation_runs_in_a_real_worker(
-        sqlite_env, start_worker):
+def _train_in_worker(sqlite_env, start_worker, name: str, count: int, seed: int,
+                     *train_args: str) -> dict:
+    """Generate ``count`` captchas and train on them in a real prefork worker; the
+    finished run as ``captrain run --json`` prints it."""
     from scheduler.cli import app
 
     runner = CliRunner()
     start_worker(sqlite_env, queues="cpu,gpu", concurrency=2)
-    out = runner.invoke(app, ["generate", "--name", "lw", "--count", "300", "--shard-size",
-                              "50", "--seed", "2", "--wait", "--json"])
+    out = runner.invoke(app, ["generate", "--name", name, "--count", str(count),
+                              "--shard-size", "50", "--seed", str(seed), "--wait", "--json"])
     assert out.exit_code == 0 and json.loads(out.output)["status"] == "done", out.output
-    out = runner.invoke(app, ["train", "--dataset", "lw", "--epochs", "2", "--batch-size",
-                              "32", "--loader-workers", "2", "--augment", "light",
+    out = runner.invoke(app, ["train", "--dataset", name, "--batch-size", "32", *train_args,
                               "--wait", "--json"])
     assert out.exit_code == 0, out.output
     run = json.loads(runner.invoke(app, ["run", str(json.loads(out.output)["run"]["id"]),
                                          "--json"]).output)
     assert run["status"] == "done", run["error"]
+    return run
+
+
+@pytest.mark.integration
+def test_a_train_job_with_loader_workers_and_augmentation_runs_in_a_real_worker(
+        sqlite_env, start_worker):
+    run = _train_in_worker(sqlite_env, start_worker, "lw", 300, 2, "--epochs", "2",
+                           "--loader-workers", "2", "--augment", "light")
     assert run["spec"]["augment"] == "light" and run["spec"]["loader_workers"] == 2
     assert [e["train_loader_workers"] for e in run["per_epoch"]] == [2, 2]
     assert all(e["train_samples_per_s"] > 0 for e in run["per_epoch"])
@@ -216,17 +224,6 @@ def test_a_train_job_with_loader_workers_and_augmentation_runs_in_a_real_worker(
 
 @pytest.mark.integration
 def test_a_compiled_train_job_runs_in_a_real_prefork_worker(sqlite_env, start_worker):
-    from scheduler.cli import app
-
-    runner = CliRunner()
-    start_worker(sqlite_env, queues="cpu,gpu", concurrency=2)
-    out = runner.invoke(app, ["generate", "--name", "cw", "--count", "200", "--shard-size",
-                              "50", "--seed", "4", "--wait", "--json"])
-    assert out.exit_code == 0 and json.loads(out.output)["status"] == "done", out.output
-    out = runner.invoke(app, ["train", "--dataset", "cw", "--epochs", "1", "--batch-size",
-                              "32", "--compile", "--wait", "--json"])
-    assert out.exit_code == 0, out.output
-    run = json.loads(runner.invoke(app, ["run", str(json.loads(out.output)["run"]["id"]),
-                                         "--json"]).output)
-    assert run["status"] == "done", run["error"]
+    run = _train_in_worker(sqlite_env, start_worker, "cw", 200, 4, "--epochs", "1",
+                           "--compile")
     assert run["per_epoch"][0]["train_compiled"] == 1

@@ -158,15 +158,14 @@ class CRNN(nn.Module):
         super().__init__()
         c = cfg.channels
         self.cfg = cfg
-        self.flat = cfg.trunk == "1d"
-        if self.flat:
+        if cfg.trunk == "1d":
             p1 = {4: (2, 2, 1), 8: (2, 2, 2), 16: (2, 4, 2)}[cfg.time_pool]
             self.trunk = nn.Sequential(
                 conv1d_block(cfg.in_height, c, 5, p1[0]), conv1d_block(c, 2 * c, 5, p1[1]),
                 conv1d_block(2 * c, 2 * c, 3, p1[2]),
             )
-            hidden = 2 * c
-            self.proj: nn.Module = nn.Identity()
+            hidden = 2 * c  # the trunk's own width: no projection before the GRU
+            self.proj: nn.Linear | None = None
         else:
             pools = {4: (2, 2, 1, 1), 8: (2, 2, 2, 1), 16: (2, 2, 2, 2)}[cfg.time_pool]
             self.trunk = nn.Sequential(
@@ -183,12 +182,13 @@ class CRNN(nn.Module):
         self.out = nn.Linear(2 * hidden, len(cfg.charset) + 1)  # + the blank, index 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.flat:
+        if self.proj is None:
+            # Already non-negative (ReLU, then max-pool) and as wide as the GRU.
             f = self.trunk(x[:, 0]).transpose(1, 2)  # (B, n_mels, W) -> (B, T, 2c)
         else:
             f = self.trunk(x)  # (B, ch, h, T)
-            f = f.permute(0, 3, 1, 2).flatten(2)  # (B, T, ch*h)
-        seq, _ = self.rnn(torch.relu(self.proj(f)))  # (B, T, 2*hidden)
+            f = torch.relu(self.proj(f.permute(0, 3, 1, 2).flatten(2)))  # (B, T, hidden)
+        seq, _ = self.rnn(f)  # (B, T, 2*hidden)
         return self.out(self.dropout(seq))  # (B, T, C+1)
 
 

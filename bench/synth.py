@@ -1,21 +1,28 @@
 """Synthesis throughput: the generate job through Redis and the SQL store, against the
 plain ``captcha`` loop, measured side by side in this process.
 
-    python bench/synth.py [--images 4000] [--shard-size 250]
+    python bench/synth.py [--images 3000] [--rounds 3] [--shard-size 250]
+                          [--image-format pgm|png]
 
-Prints images/s of: the plain ``ImageCaptcha.generate_image`` loop (1 core), the
-plain loop with PNG encoding (what a stored dataset needs), the job with 1 worker
-process, and the job with 2; then the ratios.
+The synthesis ratio runs the job on 1 worker process while the plain
+``ImageCaptcha.generate_image`` loop runs on the other core, over the same seconds;
+the scaling ratio alternates the job on 1 and on 2 worker processes. Each is
+measured in rounds and the medians printed. For reference it also prints what PNG
+encoding costs the plain loop (storing the package's colours). The job stores
+``--image-format`` (grey PGM by default, as ``captrain generate`` does).
 """
 
 from __future__ import annotations
 
 import argparse
 import io
+import multiprocessing as mp
 import random
 import sys
 import time
 from pathlib import Path
+from statistics import median
+from typing import Any
 
 # Replace this script's folder on the path: bench/queue.py must not shadow stdlib queue.
 sys.path[0] = str(Path(__file__).resolve().parent.parent)
@@ -26,6 +33,10 @@ from bench.harness import isolated_home, machine, workers  # noqa: E402
 HOME = isolated_home()
 
 
+def _labels(rng: random.Random) -> str:
+    return "".join(rng.choice("0123456789") for _ in range(4))
+
+
 def plain_loop(n: int, encode: bool) -> float:
     from captcha.image import ImageCaptcha
 
@@ -33,48 +44,101 @@ def plain_loop(n: int, encode: bool) -> float:
     rng = random.Random(0)
     t0 = time.perf_counter()
     for _ in range(n):
-        im = gen.generate_image("".join(rng.choice("0123456789") for _ in range(4)))
+        im = gen.generate_image(_labels(rng))
         if encode:
             im.save(io.BytesIO(), format="PNG")
     return n / (time.perf_counter() - t0)
 
 
-def job_rate(n: int, shard_size: int, processes: int, tag: str) -> float:
+def _count_forever(counter: Any) -> None:
+    """The plain loop in a process of its own, counting images until it is killed."""
+    from captcha.image import ImageCaptcha
+
+    gen = ImageCaptcha(160, 60)
+    rng = random.Random(0)
+    while True:
+        gen.generate_image(_labels(rng))
+        with counter.get_lock():
+            counter.value += 1
+
+
+class PlainAlongside:
+    """The plain loop on the other core while a block runs: ``rate`` is its images/s
+    over exactly the block, so that both sides see the same moment of the machine."""
+
+    def __enter__(self) -> PlainAlongside:
+        ctx = mp.get_context("spawn")
+        self._n = ctx.Value("q", 0)
+        self._proc = ctx.Process(target=_count_forever, args=(self._n,), daemon=True)
+        self._proc.start()
+        while self._n.value < 5:  # past imports and font loading
+            time.sleep(0.05)
+        self._start = (self._n.value, time.perf_counter())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        done, t1 = self._n.value, time.perf_counter()
+        self._proc.kill()
+        self._proc.join()
+        self.rate = (done - self._start[0]) / (t1 - self._start[1])
+
+
+def job_rate(n: int, shard_size: int, processes: int, tag: str, image_format: str) -> float:
     from scheduler import watch
     from scheduler.plan import plan_generate
     from scheduler.submit import enqueue_shards
     from shared.spec import GenerateSpec, validate
 
-    spec = validate(GenerateSpec, name=f"bench-{tag}", count=n, length=4, charset="digits",
-                    shard_size=shard_size, seed=processes)
-    with workers("cpu", processes, HOME):
-        t0 = time.perf_counter()
-        job_id, idx = plan_generate(spec)
-        enqueue_shards("generate", job_id, idx)
-        status = watch.wait(job_id, Console(quiet=True), interval=0.05, quiet=True)
-        elapsed = time.perf_counter() - t0
+    spec = validate(GenerateSpec, name=f"bench-{tag}-{processes}", count=n, length=4,
+                    charset="digits", shard_size=shard_size, seed=processes,
+                    image_format=image_format)
+    t0 = time.perf_counter()
+    job_id, idx = plan_generate(spec)
+    enqueue_shards("generate", job_id, idx)
+    status = watch.wait(job_id, Console(quiet=True), interval=0.05, quiet=True)
+    elapsed = time.perf_counter() - t0
     assert status == "done", status
     return n / elapsed
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--images", type=int, default=4000)
+    ap.add_argument("--images", type=int, default=3000, help="captchas per job run")
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--shard-size", type=int, default=250)
+    ap.add_argument("--image-format", choices=("pgm", "png"), default="pgm")
     args = ap.parse_args()
-    n = args.images
-    base = plain_loop(n // 4, encode=False)
-    base_png = plain_loop(n // 4, encode=True)
-    one = job_rate(n, args.shard_size, 1, "one")
-    two = job_rate(n, args.shard_size, 2, "two")
+    n, fmt = args.images, args.image_format
     print(f"machine: {machine()}")
-    print(f"plain generate_image loop:        {base:8.1f} images/s (1 core)")
-    print(f"plain loop + PNG encode:          {base_png:8.1f} images/s (1 core)")
-    print(f"generate job, 1 worker process:   {one:8.1f} images/s")
-    print(f"generate job, 2 worker processes: {two:8.1f} images/s")
-    print(f"synthesis ratio (job 1 proc / plain generate_image): {one / base:.3f}")
-    print(f"synthesis ratio (job 1 proc / plain + PNG):          {one / base_png:.3f}")
-    print(f"2 processes vs 1:                                    {two / one:.3f}")
+    print(f"job stores {fmt}; {n} captchas per job run, {args.rounds} rounds")
+    png = plain_loop(n // 6, encode=True) / plain_loop(n // 6, encode=False)
+    print(f"PNG encoding: the plain loop runs at {png:.3f} of its speed with it")
+
+    # Synthesis ratio: 1 worker process on one core, the plain loop on the other, at
+    # the same time, so that the machine's drift (large on these VMs) cancels out.
+    alongside = []
+    with workers("cpu", 1, HOME):
+        for r in range(args.rounds):
+            with PlainAlongside() as plain:
+                job = job_rate(n, args.shard_size, 1, f"a{r}", fmt)
+            alongside.append(job / plain.rate)
+            print(f"  round {r + 1}: job {job:6.1f} images/s, plain loop alongside "
+                  f"{plain.rate:6.1f} images/s: {job / plain.rate:.3f}")
+
+    # 2 processes against 1, alternating, each pair measured a minute apart at most.
+    scaling = []
+    for r in range(args.rounds):
+        rates = {}
+        for processes in (1, 2):
+            with workers("cpu", processes, HOME):
+                rates[processes] = job_rate(n, args.shard_size, processes, f"s{r}", fmt)
+        scaling.append(rates[2] / rates[1])
+        print(f"  round {r + 1}: 1 process {rates[1]:6.1f} images/s, 2 processes "
+              f"{rates[2]:6.1f} images/s: {rates[2] / rates[1]:.3f}")
+    print(f"synthesis ratio (job 1 proc / plain generate_image): {median(alongside):.3f} "
+          "(median)")
+    print(f"2 processes vs 1:                                    {median(scaling):.3f} "
+          "(median)")
 
 
 if __name__ == "__main__":

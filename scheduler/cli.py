@@ -265,7 +265,7 @@ def generate(
     name: Annotated[str, typer.Option(help="Dataset name.")],
     count: Annotated[int, typer.Option(help="Number of captchas.")],
     kind: Annotated[str, typer.Option(
-        help="image (PNG) or audio (8 kHz WAV, digits and A-Z voices).")] = "image",
+        help="image or audio (8 kHz WAV, digits and A-Z voices).")] = "image",
     length: Annotated[int, typer.Option(help="Characters per captcha (the most).")] = 4,
     min_length: Annotated[int | None, typer.Option(
         help="Fewest characters: lengths vary from this to --length (train with crnn).")
@@ -277,6 +277,9 @@ def generate(
     shard_size: Annotated[int, typer.Option(help="Captchas per shard (one task).")] = 1000,
     seed: Annotated[int, typer.Option(help="Dataset seed: same seed, same bytes.")] = 0,
     split: Annotated[str, typer.Option(help="train,val,test fractions.")] = "0.8,0.1,0.1",
+    image_format: Annotated[str, typer.Option(
+        help="pgm: grey, as the models read them, and fastest to make; "
+             "png: the package's colours.")] = "pgm",
     wait: WaitOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -287,7 +290,7 @@ def generate(
     spec = validate(GenerateSpec, name=name, count=count, kind=kind, length=length,
                     min_length=min_length, charset=charset,
                     width=width, height=height, shard_size=shard_size, seed=seed,
-                    split=Split.parse(split))
+                    split=Split.parse(split), image_format=image_format)
     job_id, indices = plan_generate(spec)
     enqueue_shards("generate", job_id, indices)
     _finish(job_id, wait, as_json)

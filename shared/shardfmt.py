@@ -1,8 +1,8 @@
 """The shard format: a plain tar that ``tar tf`` lists and any tool can unpack.
 
     manifest.json            {"format", "split", "start", "count", "labels", ...}
-    00000000_0782.png        item ``start + 0``, labelled "0782"
-    00000001_5521.png        ... (.wav for audio captchas)
+    00000000_0782.pgm        item ``start + 0``, labelled "0782"
+    00000001_5521.pgm        ... (.png/.jpg when imported or asked for, .wav for audio)
 
 Labels are in both the member names and the manifest; the reader checks that they
 agree. Packing is deterministic (fixed mtime, owner and order), so a shard's bytes,
@@ -26,7 +26,7 @@ FORMAT = "captrain-shard/1"
 MEDIA_TYPE = "application/x-tar"
 # A member above this is not a captcha image or clip; refuse before reading it into memory.
 MAX_MEMBER_BYTES = 16 * 1024 * 1024
-_MEMBER = re.compile(r"^(\d{8,})_(.+)\.(png|jpg|jpeg|wav)$")
+_MEMBER = re.compile(r"^(\d{8,})_(.+)\.(pgm|png|jpg|jpeg|wav)$")
 
 
 @dataclass(frozen=True)

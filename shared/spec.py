@@ -121,6 +121,8 @@ class GenerateSpec(_Spec):
     shard_size: int = Field(1000, ge=1, le=100_000)
     seed: int = Field(0, ge=0, le=MAX_SEED)
     split: Split = Field(default_factory=lambda: DEFAULT_SPLIT)
+    # How images are stored: grey PGM (what the models read) or the package's PNG.
+    image_format: Literal["pgm", "png"] = "pgm"
 
     @field_validator("charset")
     @classmethod

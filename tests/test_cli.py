@@ -30,6 +30,7 @@ def _row_counts() -> tuple[int, int, int, int]:
         ["generate", "--name", "bad", "--count", "100", "--shard-size", "-1"],
         ["generate", "--name", "bad/../x", "--count", "100", "--shard-size", "10"],
         ["generate", "--name", "bad", "--count", "100", "--shard-size", "10", "--split", "1,1"],
+        ["generate", "--name", "bad", "--count", "100", "--image-format", "gif"],
         ["train", "--dataset", "no-such-name"],
         ["train", "--dataset", "x", "--epochs", "0"],
         ["train", "--dataset", "x", "--time-limit", "999999"],

@@ -51,6 +51,7 @@ def test_bad_charsets_are_refused(charset, message):
         ({"name": "../etc"}, "name"),
         ({"name": "x'; DROP TABLE jobs;--"}, "name"),
         ({"count": 5, "shard_size": 5}, "too few"),
+        ({"image_format": "bmp"}, "image_format"),
     ],
 )
 def test_malformed_generate_specs_raise_one_clear_error(change, message):

@@ -4,8 +4,19 @@ import hashlib
 import secrets
 
 import captcha.image
+import numpy as np
+import pytest
+import torch
+from PIL import Image
 
+from shared import shardfmt
+from shared.errors import ArtifactError, InputError
+from workers.data import decode_shard, read_pgm, to_grey
+from workers.models import ModelConfig
 from workers.synth import render_items
+
+CFG = ModelConfig(charset="0123456789", length=4, in_height=30, in_width=80,
+                  image_height=60, image_width=160)
 
 
 def _hashes(items):
@@ -29,7 +40,54 @@ def test_labels_use_the_charset_and_length_and_items_are_numbered_from_start():
     items = render_items(3, 100, 4, "AB", 6, 160, 60)
     assert [it.index for it in items] == [100, 101, 102, 103]
     assert all(len(it.label) == 6 and set(it.label) <= {"A", "B"} for it in items)
-    assert all(it.data.startswith(b"\x89PNG") for it in items)
+    header = b"P5\n160 60\n255\n"
+    assert all(it.ext == "pgm" and it.data.startswith(header)
+               and len(it.data) == len(header) + 160 * 60 for it in items)
+    png = render_items(3, 100, 4, "AB", 6, 160, 60, image_format="png")
+    assert all(it.ext == "png" and it.data.startswith(b"\x89PNG") for it in png)
+    assert [it.label for it in png] == [it.label for it in items]
+
+
+def test_grey_pgm_and_colour_png_captchas_give_the_model_the_same_input():
+    pgm = render_items(5, 0, 12, CFG.charset, 4, 160, 60)
+    png = render_items(5, 0, 12, CFG.charset, 4, 160, 60, image_format="png")
+    x_pgm, y_pgm = decode_shard(shardfmt.pack(pgm, {}), CFG)
+    x_png, y_png = decode_shard(shardfmt.pack(png, {}), CFG)
+    assert x_pgm.shape == (12, 1, 30, 80) and x_pgm.float().std() > 10
+    assert torch.equal(x_pgm, x_png) and torch.equal(y_pgm, y_png)
+
+
+def test_grey_is_pillows_luma_exactly_and_keeps_grey_images_as_they_are():
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (64, 256, 3), dtype=np.uint8)
+    rgb[0, :, :] = np.arange(256, dtype=np.uint8)[:, None]  # every grey level
+    rgb[1, :, 0], rgb[2, :, 1], rgb[3, :, 2] = 255, 255, 255  # pure channels
+    ours = to_grey(torch.from_numpy(rgb).permute(2, 0, 1))[0].numpy()
+    assert np.array_equal(ours, np.asarray(Image.fromarray(rgb).convert("L")))
+    assert np.array_equal(ours[0], np.arange(256))
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (b"\x89PNG\r\n", "not a binary PGM"),
+        (b"P2\n2 2\n255\n1 2 3 4", "not a binary PGM"),
+        (b"P5\n2 2\n65535\n" + bytes(8), "maxval 65535"),
+        (b"P5\n4 3\n255\n" + bytes(11), "4x3 holds 11"),
+        (b"P5\n4 3\n255\n" + bytes(13), "4x3 holds 13"),
+        (b"P5\n0 3\n255\n", "0x3 holds 0"),
+    ],
+)
+def test_a_malformed_pgm_is_refused_with_its_reason(data, message):
+    with pytest.raises(InputError, match=message):
+        read_pgm(data, "item")
+
+
+def test_a_shard_with_a_truncated_pgm_is_an_artifact_error_naming_the_item():
+    items = render_items(6, 40, 3, CFG.charset, 4, 160, 60)
+    bad = shardfmt.Item(41, items[1].label, items[1].data[:-1], "pgm")
+    with pytest.raises(ArtifactError, match="item 41"):
+        decode_shard(shardfmt.pack([items[0], bad, items[2]], {}), CFG)
 
 
 def test_the_captcha_module_gets_its_secrets_back_after_rendering():

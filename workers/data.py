@@ -11,6 +11,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import random
+import re
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -49,13 +50,47 @@ def decode_label(indices: Sequence[int], charset: str) -> str:
     return "".join(charset[i] for i in indices if i != PAD)
 
 
-def to_model_input(rgb: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
-    """(3, H, W) uint8 RGB of any size -> (1, h, w) uint8 grey at the model's input size.
+# A binary 8-bit PGM header: "P5", width, height, maxval, one whitespace byte.
+_PGM_HEADER = re.compile(rb"P5\s+(\d+)\s+(\d+)\s+(\d+)\s")
+
+
+def to_grey(rgb: torch.Tensor) -> torch.Tensor:
+    """(3, H, W) uint8 RGB -> (1, H, W) uint8 grey, exactly as Pillow's ``convert("L")``:
+    ITU-R 601-2 luma in 16-bit fixed point, rounded.
+
+    Integer arithmetic gives the same bytes on every machine, and a grey image read
+    back as RGB keeps its values, so a captcha stored grey by the generator and the
+    same captcha read in colour give one model input.
+    """
+    r, g, b = rgb.to(torch.int32).unbind(-3)
+    return ((r * 19595 + g * 38470 + b * 7471 + 0x8000) >> 16).to(torch.uint8).unsqueeze(-3)
+
+
+def to_model_input(image: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    """(3, H, W) uint8 RGB or (1, H, W) grey of any size -> (1, h, w) uint8 grey at
+    the model's input size.
 
     The one transform that both training and prediction apply to captcha images.
     """
-    grey = TF.rgb_to_grayscale(rgb)
+    grey = to_grey(image) if image.shape[-3] == 3 else image
     return TF.resize(grey, [cfg.in_height, cfg.in_width], antialias=True)
+
+
+def read_pgm(data: bytes, name: str = "image") -> torch.Tensor:
+    """Binary 8-bit PGM bytes (what the generator stores) -> (1, H, W) uint8.
+
+    Raises InputError for bytes that are not one, or hold too few or too many pixels.
+    """
+    m = _PGM_HEADER.match(data)
+    if m is None:
+        raise InputError(f"{name}: not a binary PGM image")
+    w, h, maxval = (int(v) for v in m.groups())
+    if maxval != 255:
+        raise InputError(f"{name}: PGM maxval {maxval}; only 8-bit (255) is read")
+    body = len(data) - m.end()
+    if w < 1 or h < 1 or body != w * h:
+        raise InputError(f"{name}: PGM of {w}x{h} holds {body} pixel bytes")
+    return torch.frombuffer(bytearray(data[m.end():]), dtype=torch.uint8).view(1, h, w)
 
 
 def wav_to_model_input(data: bytes, cfg: ModelConfig, name: str = "clip") -> torch.Tensor:
@@ -70,13 +105,16 @@ def normalize(x: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
     return (x.float() / 255.0 - cfg.mean) / cfg.std
 
 
-def decode_item(data: bytes, cfg: ModelConfig) -> torch.Tensor:
-    """One stored item (PNG/JPEG image or WAV clip) -> (1, h, w) uint8 model input.
+def decode_item(data: bytes, cfg: ModelConfig, ext: str = "png") -> torch.Tensor:
+    """One stored item (PGM/PNG/JPEG image or WAV clip, by ``ext``) -> (1, h, w)
+    uint8 model input.
 
     Raises RuntimeError or InputError for bytes that do not decode.
     """
     if cfg.modality == "audio":
         return wav_to_model_input(data, cfg)
+    if ext == "pgm":
+        return to_model_input(read_pgm(data), cfg)
     rgb = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8),
                        mode=ImageReadMode.RGB)
     return to_model_input(rgb, cfg)
@@ -91,7 +129,7 @@ def decode_shard(data: bytes, cfg: ModelConfig) -> tuple[torch.Tensor, torch.Ten
     inputs, labels = [], []
     for it in items:
         try:
-            inputs.append(decode_item(it.data, cfg))
+            inputs.append(decode_item(it.data, cfg, it.ext))
             labels.append(encode_label(it.label, cfg.charset, cfg.length, cfg.min_length))
         except (RuntimeError, ValueError, InputError) as exc:
             raise ArtifactError(f"shard item {it.index} cannot be used: {exc}") from exc

@@ -86,6 +86,7 @@ def generate_shard(job_id: int, index: int, worker: str, retry: int = 0,
         items = render_items(
             shard.seed, shard.start, shard.count, spec.charset, spec.length, spec.width,
             spec.height, progress=progress, min_length=spec.min_length,
+            image_format=spec.image_format,
         )
     return _store_shard(job_id, index, shardfmt.pack(items, generated_meta(spec, shard)),
                         worker)
@@ -97,6 +98,7 @@ def generated_meta(spec: GenerateSpec, shard: Shard) -> dict[str, Any]:
         "split": shard.split, "start": shard.start, "kind": spec.kind,
         "charset": spec.charset, "length": spec.length, "min_length": spec.min_length,
         "width": spec.width, "height": spec.height, "seed": shard.seed,
+        "image_format": spec.image_format,
     }
 
 

@@ -29,7 +29,7 @@ from shared.images import load_rgb_bytes
 from shared.shardfmt import Item
 
 METRICS = ("loss", "char_acc", "seq_acc")
-IMAGE_EXTS = ("png", "jpg", "jpeg")
+IMAGE_EXTS = ("pgm", "png", "jpg", "jpeg")
 GRID_MAX = 32  # test images shown in the grid
 GRID_COLUMNS = 8
 # Above this many labels a confusion matrix is too dense for per-cell numbers.

@@ -20,6 +20,7 @@ import captcha.audio
 import captcha.image
 from captcha.audio import AudioCaptcha
 from captcha.image import ImageCaptcha
+from PIL import Image
 
 from shared.shardfmt import Item
 
@@ -65,14 +66,29 @@ def draw_label(rng: random.Random, charset: str, length: int, min_length: int | 
     return "".join(rng.choice(charset) for _ in range(length))
 
 
+def encode_image(im: Image.Image, image_format: str) -> bytes:
+    """``im`` as stored: ``pgm`` is binary 8-bit PGM of Pillow's grey (what every model
+    reads: a copy and a header, no compression, so it costs almost nothing beside
+    drawing); ``png`` keeps the package's colours at about a ninth of the time of
+    drawing, for 0.79x the bytes of grey PGM."""
+    if image_format == "pgm":
+        grey = im.convert("L")
+        return b"P5\n%d %d\n255\n" % grey.size + grey.tobytes()
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    return buf.getvalue()
+
+
 def render_items(
     seed: int, start: int, count: int, charset: str, length: int, width: int, height: int,
     progress: Callable[[int, int], None] | None = None, min_length: int | None = None,
+    image_format: str = "pgm",
 ) -> list[Item]:
-    """Render ``count`` labelled PNG captchas, numbered from ``start``.
+    """Render ``count`` labelled captchas, numbered from ``start``, stored as
+    ``image_format`` (see :func:`encode_image`).
 
     Labels and images both come from ``random.Random(seed)``: the same arguments give
-    byte-identical PNGs on any machine with the same captcha and Pillow versions.
+    byte-identical items on any machine with the same captcha and Pillow versions.
     ``progress``, if given, is called as ``progress(done, count)`` after each item.
     """
     rng = random.Random(seed)
@@ -81,9 +97,8 @@ def render_items(
     with seeded_captcha(rng):
         for i in range(count):
             label = draw_label(rng, charset, length, min_length)
-            buf = io.BytesIO()
-            gen.generate_image(label).save(buf, format="PNG")
-            items.append(Item(start + i, label, buf.getvalue()))
+            data = encode_image(gen.generate_image(label), image_format)
+            items.append(Item(start + i, label, data, image_format))
             if progress is not None:
                 progress(i + 1, count)
     return items

@@ -67,10 +67,11 @@ def draw_label(rng: random.Random, charset: str, length: int, min_length: int | 
 
 
 def encode_image(im: Image.Image, image_format: str) -> bytes:
-    """``im`` as stored: ``pgm`` is binary 8-bit PGM of Pillow's grey (what every model
-    reads: a copy and a header, no compression, so it costs almost nothing beside
-    drawing); ``png`` keeps the package's colours at about a ninth of the time of
-    drawing, for 0.79x the bytes of grey PGM."""
+    """``im`` as stored: ``pgm`` is binary 8-bit PGM of Pillow's grey, what every model
+    reads (a header and a copy, so it costs almost nothing beside drawing); ``png``
+    keeps the package's colours in 0.79x the bytes, but compressing them slowed the
+    plain drawing loop to 0.55-0.64 of its speed on the 2-core VM (BENCHMARKS.md).
+    """
     if image_format == "pgm":
         grey = im.convert("L")
         return b"P5\n%d %d\n255\n" % grey.size + grey.tobytes()

@@ -13,9 +13,15 @@ APP = "shared.celery_app"
 
 def worker_argv(queues: str, concurrency: int | None, name: str | None, loglevel: str,
                 pool: str | None = None) -> list[str]:
-    """The command line of a real celery worker for the captrain app."""
+    """The command line of a real celery worker for the captrain app.
+
+    Events on (``-E``) for Flower. Mingle and gossip off: they share revoked task ids
+    and a clock among workers, and captrain revokes nothing (cancelling is a row in
+    SQL that each task reads), so they would only cost a second at every start
+    (mingle waits for replies) and event traffic between every pair of workers.
+    """
     argv = [sys.executable, "-m", "celery", "-A", APP, "worker", "-Q", queues,
-            "--loglevel", loglevel, "-E"]
+            "--loglevel", loglevel, "-E", "--without-mingle", "--without-gossip"]
     if concurrency:
         argv += ["-c", str(concurrency)]
     if name:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import redis
-from conftest import scratch_pg_database, wait_for
+from conftest import ON_POSTGRES, scratch_pg_database, wait_for
 from sqlalchemy import create_engine, func, inspect, select, text, update
 from typer.testing import CliRunner
 
@@ -23,7 +23,6 @@ from shared.db import session_scope
 from shared.schema import Analysis, AnalysisFile, Artifact, ArtifactChunk, Job, Shard
 
 runner = CliRunner()
-PG = pytest.mark.parametrize("backend", ["postgres"], indirect=True)
 IRIS_FILES = ["covariance.csv", "pairplot.png", "sepal-scatter.png", "stats.csv"]
 
 
@@ -59,6 +58,7 @@ def _children(pid: int) -> list[int]:
 # --- reconcile ------------------------------------------------------------------------
 
 @pytest.mark.integration
+@ON_POSTGRES
 def test_reconcile_resends_explore_jobs_whose_messages_were_lost(backend, start_worker):
     pending = plan_explore("iris")
     enqueue("explore", pending)
@@ -115,7 +115,7 @@ def test_a_cancelled_explore_job_is_a_noop_for_its_worker_and_retry_runs_it(
     assert _ok("cancel", str(job_id))["cancelled"] is False  # already ended
 
 
-@PG
+@ON_POSTGRES
 @pytest.mark.integration
 def test_a_report_failed_on_a_corrupt_test_shard_is_retried_once_it_is_repaired(
         backend, start_worker, tmp_path):
@@ -153,7 +153,7 @@ def test_a_report_failed_on_a_corrupt_test_shard_is_retried_once_it_is_repaired(
 
 # --- attempts ---------------------------------------------------------------------
 
-@PG
+@ON_POSTGRES
 @pytest.mark.integration
 def test_an_explore_job_whose_worker_is_killed_each_time_fails_after_bounded_attempts(
         backend, start_worker):

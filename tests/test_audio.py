@@ -10,6 +10,7 @@ import wave
 import pytest
 import torch
 from captcha.audio import AudioCaptcha
+from conftest import ON_POSTGRES
 from sqlalchemy import select
 from typer.testing import CliRunner
 
@@ -68,6 +69,7 @@ def test_audio_generation_refuses_characters_without_voices(sqlite_env):
 
 
 @pytest.mark.integration
+@ON_POSTGRES
 def test_audio_captchas_across_two_workers_train_and_a_fresh_wav_is_read(
         backend, start_worker, tmp_path):
     a = start_worker(backend, queues="cpu", concurrency=1)

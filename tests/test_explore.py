@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import ON_SQLITE
 from PIL import Image
 from sqlalchemy import func, select, update
 from typer.testing import CliRunner
@@ -41,6 +42,7 @@ def _check_png(path: Path, min_w: int, min_h: int) -> tuple[int, int]:
 
 
 @pytest.mark.integration
+@ON_SQLITE
 def test_explore_iris_on_a_real_worker_gives_the_published_figures_and_plots(
         backend, start_worker, tmp_path):
     start_worker(backend, queues="cpu", concurrency=1)

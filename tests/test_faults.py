@@ -16,7 +16,7 @@ import uuid
 
 import pytest
 import redis
-from conftest import wait_for
+from conftest import ON_POSTGRES, wait_for
 from sqlalchemy import func, select, update
 from typer.testing import CliRunner
 
@@ -29,7 +29,6 @@ from workers.jobs import generated_meta
 
 pytestmark = pytest.mark.integration
 runner = CliRunner()
-PG = pytest.mark.parametrize("backend", ["postgres"], indirect=True)
 
 
 def _ok(args: list[str]) -> dict:
@@ -95,7 +94,7 @@ def _generate(name: str, count: int, shard_size: int) -> int:
                 str(shard_size), "--seed", "11"])["job"]
 
 
-@PG
+@ON_POSTGRES
 def test_a_killed_pool_process_loses_no_shard(backend, start_worker):
     worker = start_worker(backend, queues="cpu", concurrency=1)
     job_id = _generate("kill-child", 1000, 100)
@@ -108,7 +107,7 @@ def test_a_killed_pool_process_loses_no_shard(backend, start_worker):
     assert any(sh.attempts > 1 for sh in _shards(job_id))  # the killed shard ran again
 
 
-@PG
+@ON_POSTGRES
 def test_a_killed_worker_machine_is_recovered_by_reconcile(backend, start_worker):
     first = start_worker(backend, queues="cpu", concurrency=1)
     job_id = _generate("kill-worker", 1000, 100)
@@ -125,7 +124,7 @@ def test_a_killed_worker_machine_is_recovered_by_reconcile(backend, start_worker
     _check_complete(job_id, 1000, "SIGKILL whole worker + reconcile")
 
 
-@PG
+@ON_POSTGRES
 def test_redis_flushed_mid_job_is_recovered_by_reconcile(backend, start_worker):
     start_worker(backend, queues="cpu", concurrency=1)
     job_id = _generate("flushed", 1000, 100)
@@ -142,7 +141,7 @@ def test_redis_flushed_mid_job_is_recovered_by_reconcile(backend, start_worker):
     _check_complete(job_id, 1000, "Redis flushed mid-job + reconcile")
 
 
-@PG
+@ON_POSTGRES
 def test_the_same_messages_delivered_twice_leave_one_result(backend, start_worker):
     from scheduler.submit import enqueue_shards
 
@@ -162,7 +161,7 @@ def test_the_same_messages_delivered_twice_leave_one_result(backend, start_worke
     _check_complete(job_id, 600, "every message delivered twice")
 
 
-@PG
+@ON_POSTGRES
 def test_a_poison_shard_is_failed_after_bounded_attempts(backend, start_worker):
     from shared.records import MAX_ATTEMPTS
 
@@ -178,7 +177,7 @@ def test_a_poison_shard_is_failed_after_bounded_attempts(backend, start_worker):
     assert f"gave up after {MAX_ATTEMPTS} attempts" in detail["error"]
 
 
-@PG
+@ON_POSTGRES
 def test_a_task_that_always_fails_is_marked_failed_once_without_looping(backend,
                                                                        start_worker):
     job_id = _generate("always-fails", 200, 50)
@@ -194,13 +193,13 @@ def test_a_task_that_always_fails_is_marked_failed_once_without_looping(backend,
     assert "count" in _ok(["job", str(job_id)])["error"]
 
 
-@PG
+@ON_POSTGRES
 def test_training_killed_mid_run_resumes_from_its_last_checkpoint(backend, start_worker,
                                                                    tmp_path):
     worker = start_worker(backend, queues="cpu,gpu", concurrency=1)
-    gen = _generate("resume", 1500, 250)
+    gen = _generate("resume", 1000, 250)
     wait_for(lambda: _ok(["job", str(gen)])["status"] == "done", 120, what="dataset")
-    out = _ok(["train", "--dataset", "resume", "--epochs", "8", "--batch-size", "32"])
+    out = _ok(["train", "--dataset", "resume", "--epochs", "6", "--batch-size", "32"])
     job_id = out["job"]
     with session_scope() as s:
         run_id = s.execute(select(Run.id).where(Run.job_id == job_id)).scalar_one()
@@ -224,12 +223,12 @@ def test_training_killed_mid_run_resumes_from_its_last_checkpoint(backend, start
           f"{run['resumed_from']}, attempts {attempts}, status {run['status']}")
     assert run["status"] == "done"
     assert run["resumed_from"] is not None and run["resumed_from"] >= killed_at >= 2
-    assert [e["epoch"] for e in run["per_epoch"]] == list(range(1, 9))
+    assert [e["epoch"] for e in run["per_epoch"]] == list(range(1, 7))
     # Every epoch, resumed or not, has the same metric names once: no doubles, no gaps.
     names = {e: {(sp, n) for ep, sp, n in keys if ep == e and sp != "test"}
-             for e in range(1, 9)}
+             for e in range(1, 7)}
     assert all(names[e] == names[1] for e in names) and ("val", "seq_acc") in names[1]
-    assert len(keys) == len(set(keys)) == 8 * len(names[1]) + sum(
+    assert len(keys) == len(set(keys)) == 6 * len(names[1]) + sum(
         sp == "test" for _, sp, _ in keys)
     with session_scope() as s:
         # Earlier epochs' checkpoints are deleted as new ones land: one is kept.
@@ -264,7 +263,7 @@ class _Evil:
         return (os.mkdir, (self.marker,))
 
 
-@PG
+@ON_POSTGRES
 def test_a_pickle_message_is_refused_by_the_worker(backend, start_worker, tmp_path):
     from kombu import Connection, Producer
 
@@ -366,7 +365,7 @@ def _ping(url: str) -> bool:
         return False
 
 
-@PG
+@ON_POSTGRES
 def test_a_train_message_delivered_twice_at_once_trains_once(backend, start_worker):
     from scheduler.submit import enqueue_train
 
@@ -389,7 +388,7 @@ def test_a_train_message_delivered_twice_at_once_trains_once(backend, start_work
     assert attempts == 1 and stood_down == 1
 
 
-@PG
+@ON_POSTGRES
 def test_reconcile_finishes_a_job_whose_last_worker_died_between_commits(backend):
     job_id = _generate("between", 100, 50)  # no worker: messages wait in Redis
     with session_scope() as s:
@@ -403,12 +402,12 @@ def test_reconcile_finishes_a_job_whose_last_worker_died_between_commits(backend
     assert datasets["between"] == "ready"
 
 
-@PG
+@ON_POSTGRES
 def test_sigterm_checkpoints_training_mid_epoch_and_requeues_it(backend, start_worker):
     worker = start_worker(backend, queues="cpu,gpu", concurrency=1)
-    gen = _generate("sigterm", 2000, 250)
+    gen = _generate("sigterm", 1000, 250)
     wait_for(lambda: _ok(["job", str(gen)])["status"] == "done", 120, what="dataset")
-    out = _ok(["train", "--dataset", "sigterm", "--epochs", "6", "--batch-size", "32"])
+    out = _ok(["train", "--dataset", "sigterm", "--epochs", "4", "--batch-size", "32"])
     with session_scope() as s:
         run_id = s.execute(select(Run.id).where(Run.job_id == out["job"])).scalar_one()
 
@@ -432,10 +431,10 @@ def test_sigterm_checkpoints_training_mid_epoch_and_requeues_it(backend, start_w
     print(f"\nSIGTERM during training: worker exited in {stopped_in:.1f}s after a "
           f"mid-epoch checkpoint; run resumed at epoch {run['resumed_from']} and finished")
     assert run["resumed_from"] is not None and run["resumed_from"] >= 1
-    assert [e["epoch"] for e in run["per_epoch"]] == list(range(1, 7))
+    assert [e["epoch"] for e in run["per_epoch"]] == list(range(1, 5))
 
 
-@PG
+@ON_POSTGRES
 def test_postgres_connections_dropped_mid_task_retry_and_leave_no_partial_rows(
         backend, start_worker):
     from sqlalchemy import create_engine, text
@@ -479,7 +478,7 @@ def test_postgres_connections_dropped_mid_task_retry_and_leave_no_partial_rows(
     _check_complete(job_id, 2400, "PostgreSQL connections dropped mid-job")
 
 
-@PG
+@ON_POSTGRES
 def test_ten_thousand_small_tasks_are_drained_by_two_workers_with_none_lost(
         backend, start_worker):
     import threading
@@ -515,16 +514,16 @@ def test_ten_thousand_small_tasks_are_drained_by_two_workers_with_none_lost(
     assert lost == 0
 
 
-@PG
+@ON_POSTGRES
 def test_a_soft_time_limit_checkpoints_training_before_it_stops(backend, start_worker):
     from workers import checkpoint as ckpt_codec
 
     start_worker(backend, queues="cpu,gpu", concurrency=2)
-    gen = _generate("soft-limit", 6000, 500)
+    gen = _generate("soft-limit", 1000, 250)
     wait_for(lambda: _ok(["job", str(gen)])["status"] == "done", 180, what="dataset")
     # Hard limit 80 s from the spec; the soft limit comes a minute earlier, at 20 s:
-    # past the first batches even on a loaded machine, well before 4 epochs of 4,800.
-    out = _ok(["train", "--dataset", "soft-limit", "--epochs", "4", "--time-limit", "80"])
+    # past the first batches even on a loaded machine, well before 40 epochs of 800.
+    out = _ok(["train", "--dataset", "soft-limit", "--epochs", "40", "--time-limit", "80"])
     wait_for(lambda: _ok(["job", str(out["job"])])["status"] == "failed", 180,
              what="the run to stop")
     with session_scope() as s:

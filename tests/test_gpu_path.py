@@ -37,6 +37,15 @@ def store() -> dict[str, bytes]:
     return out
 
 
+@pytest.fixture(scope="module")
+def even_store() -> dict[str, bytes]:
+    """Four shards of 16: every batch of 8 is full, so a compiled model sees one shape
+    in training and one in evaluation, and compiles twice, not five times."""
+    return {f"even-{i}": shardfmt.pack(render_items(300 + i, i * 16, 16, CFG.charset, 4,
+                                                    160, 60), {})
+            for i in range(4)}
+
+
 def _loader(store: dict[str, bytes], **kw) -> ShardLoader:
     return ShardLoader(list(store), store.__getitem__, CFG, 8, seed=3, mix=2, **kw)
 
@@ -93,11 +102,11 @@ def test_cuda_turns_every_speedup_on_and_other_devices_none():
     assert Speedups.for_device(torch.device("mps"), compile=True) == Speedups(compiled=True)
 
 
-def _fit(store, **kw):
+def _fit(store, train_count=120, **kw):
     epochs: dict[int, dict] = {}
     result = fit(CFG, train=kw.pop("train"), val=_loader(store, shuffle=False),
                  test=_loader(store, shuffle=False),
-                 train_count=120, epochs=2, batch_size=8, lr=1e-3, seed=4, device=CPU,
+                 train_count=train_count, epochs=2, batch_size=8, lr=1e-3, seed=4, device=CPU,
                  on_epoch=lambda e, tr, va, c: epochs.setdefault(e, {"train": tr, "ckpt": c}),
                  **kw)
     return result, epochs
@@ -144,13 +153,13 @@ def test_a_run_with_loader_workers_stopped_mid_epoch_resumes_to_the_same_weights
         assert torch.equal(v, resumed.model.state_dict()[k]), k
 
 
-def test_a_compiled_run_checkpoints_plain_weights_that_resume_without_compiling(store):
-    _, epochs = _fit(store, train=_loader(store), compile=True)
+def test_a_compiled_run_checkpoints_plain_weights_that_resume_without_compiling(even_store):
+    _, epochs = _fit(even_store, 64, train=_loader(even_store), compile=True)
     assert epochs[1]["train"]["compiled"] == 1
     ckpt = checkpoint.loads(checkpoint.dumps(epochs[1]["ckpt"]))
     assert set(ckpt["model"]) == set(build_model(CFG).state_dict())  # no _orig_mod.
-    resumed, _ = _fit(store, train=_loader(store), resume=ckpt)
-    assert resumed.resumed_from == 1 and resumed.test["count"] == 120
+    resumed, _ = _fit(even_store, 64, train=_loader(even_store), resume=ckpt)
+    assert resumed.resumed_from == 1 and resumed.test["count"] == 64
 
 
 def _greedy_by_steps(logits: torch.Tensor, length: int) -> list[list[int]]:

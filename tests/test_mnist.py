@@ -9,6 +9,7 @@ import struct
 
 import numpy as np
 import pytest
+from conftest import ON_SQLITE
 from handwriting import idx_images, idx_labels, photo, write_mnist
 from PIL import Image
 from sqlalchemy import func, select
@@ -129,6 +130,7 @@ def test_the_digit_preparation_centres_the_ink_by_mass_in_a_20px_box():
 
 
 @pytest.mark.integration
+@ON_SQLITE
 def test_mnist_files_import_train_and_predict_a_digit_not_in_them(backend, start_worker,
                                                                    tmp_path):
     held_images, held_labels = write_mnist(tmp_path / "mnist")

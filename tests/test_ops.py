@@ -6,7 +6,7 @@ import json
 import time
 
 import pytest
-from conftest import wait_for
+from conftest import ON_POSTGRES, wait_for
 from sqlalchemy import select
 from typer.testing import CliRunner
 
@@ -16,7 +16,6 @@ from shared.schema import Model, Run, Shard
 
 pytestmark = pytest.mark.integration
 runner = CliRunner()
-PG = pytest.mark.parametrize("backend", ["postgres"], indirect=True)
 
 
 def _ok(*args: str) -> dict:
@@ -31,7 +30,7 @@ def _done(job_id: int) -> int:
                                                     Shard.status == "done")).all())
 
 
-@PG
+@ON_POSTGRES
 def test_cancel_stops_a_generation_and_retry_finishes_it(backend, start_worker):
     start_worker(backend, queues="cpu", concurrency=1)
     job_id = _ok("generate", "--name", "cancel-gen", "--count", "2000", "--shard-size",
@@ -52,10 +51,10 @@ def test_cancel_stops_a_generation_and_retry_finishes_it(backend, start_worker):
     assert _ok("cancel", str(job_id))["cancelled"] is False  # already ended
 
 
-@PG
+@ON_POSTGRES
 def test_cancel_stops_training_at_its_next_checkpoint(backend, start_worker):
-    start_worker(backend, queues="cpu,gpu", concurrency=1)
-    gen = _ok("generate", "--name", "cancel-train", "--count", "2000", "--shard-size",
+    worker = start_worker(backend, queues="cpu,gpu", concurrency=1)
+    gen = _ok("generate", "--name", "cancel-train", "--count", "1000", "--shard-size",
               "250", "--wait")
     assert gen["status"] == "done"
     job_id = _ok("train", "--dataset", "cancel-train", "--epochs", "20")["job"]
@@ -68,10 +67,11 @@ def test_cancel_stops_training_at_its_next_checkpoint(backend, start_worker):
 
     wait_for(lambda: epochs() >= 1, 120, what="one epoch")
     _ok("cancel", str(job_id))
-    # The trainer notices at its next epoch checkpoint and stops there.
-    time.sleep(8)
+    # The trainer notices at its next checkpoint, stops there and says so.
+    wait_for(lambda: f"run {run_id} was cancelled" in worker.log.read_text(), 60,
+             what="the trainer to stop")
     stopped_at = epochs()
-    time.sleep(6)
+    time.sleep(3)
     assert epochs() == stopped_at < 20
     run = _ok("run", str(run_id))
     with session_scope() as s:

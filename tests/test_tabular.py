@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+from conftest import ON_POSTGRES
 from typer.testing import CliRunner
 
 from scheduler.cli import app
@@ -34,6 +35,7 @@ def test_both_models_reach_the_accuracy_iris_is_known_for(arch):
 
 
 @pytest.mark.integration
+@ON_POSTGRES
 def test_iris_trains_through_a_real_worker_and_records_cross_validated_accuracy(
         backend, start_worker, tmp_path):
     start_worker(backend, queues="gpu", concurrency=1)

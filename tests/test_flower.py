@@ -154,9 +154,27 @@ def _ok(args: list[str]) -> Any:
     return json.loads(result.output)
 
 
+def _flower_saw_a_ping(base: str) -> bool:
+    """Send a ping task; True if Flower lists a finished one within a second."""
+    from shared.celery_app import PING
+    from shared.celery_app import app as celery_app
+
+    celery_app.send_task(PING)
+    deadline = time.monotonic() + 1.0
+    while time.monotonic() < deadline:
+        code, body = _get(f"{base}/api/tasks?taskname={PING}&state=SUCCESS")
+        if code == 200 and body:
+            return True
+        time.sleep(0.1)
+    return False
+
+
 def test_flower_shows_the_worker_and_the_jobs_tasks(backend, start_worker, tmp_path):
     worker = start_worker(backend, queues="cpu,gpu", concurrency=1)
     with _flower(backend, tmp_path / "flower.log") as base:
+        # Flower answers HTTP before its event consumer is on the broker, and events
+        # sent before that are not Flower's to see: ping until Flower shows a ping.
+        wait_for(lambda: _flower_saw_a_ping(base), 30, what="Flower receiving events")
         job = _ok(["generate", "--name", "flower", "--count", "60", "--shard-size", "20",
                    "--wait", "--json"])
         assert job["status"] == "done"

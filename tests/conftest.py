@@ -25,8 +25,9 @@ REDIS_DB = 1 + os.getpid() % 15
 ROOT = Path(__file__).resolve().parent.parent
 
 # One database for a test: the backend fixture's other parameter is left out. The
-# long end-to-end workloads (audio, MNIST, Iris) train alike on either database, so
-# each runs on one; the pipeline, CLI, artifact and import tests cover both.
+# long end-to-end workloads (audio, MNIST, Iris, a report) run alike on either
+# database, so each runs on one; the pipeline, CLI, artifact and import tests cover
+# both.
 ON_POSTGRES = pytest.mark.parametrize("backend", ["postgres"], indirect=True)
 ON_SQLITE = pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
 

@@ -12,7 +12,7 @@ import wave
 from pathlib import Path
 
 import pytest
-from conftest import _missing
+from conftest import ON_SQLITE, _missing
 from PIL import Image
 from sqlalchemy import func, select
 from typer.testing import CliRunner
@@ -81,6 +81,7 @@ def _screenshot_is_not_blank(folder: Path, tmp_path: Path) -> tuple[int, int]:
 
 
 @pytest.mark.integration
+@ON_SQLITE
 def test_a_report_of_a_trained_run_renders_with_every_image_loaded_in_chromium(
         backend, start_worker, tmp_path):
     _chromium()  # before the slow part: skip (or fail under CI) at once without it

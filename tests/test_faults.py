@@ -23,7 +23,7 @@ from typer.testing import CliRunner
 from scheduler.cli import app
 from shared import shardfmt
 from shared.db import session_scope
-from shared.schema import Artifact, ArtifactChunk, Job, Metric, Model, Run, Shard
+from shared.schema import RUNNING, Artifact, ArtifactChunk, Job, Metric, Model, Run, Shard
 from shared.spec import GenerateSpec
 from workers.jobs import generated_meta
 
@@ -98,7 +98,10 @@ def _generate(name: str, count: int, shard_size: int) -> int:
 def test_a_killed_pool_process_loses_no_shard(backend, start_worker):
     worker = start_worker(backend, queues="cpu", concurrency=1)
     job_id = _generate("kill-child", 1000, 100)
-    wait_for(lambda: _done(job_id) >= 2, 120, what="two shards")
+    # Kill while a shard renders: between two shards the child holds no work to lose.
+    wait_for(lambda: _done(job_id) >= 2 and any(sh.status == RUNNING
+                                                for sh in _shards(job_id)),
+             120, interval=0.02, what="a shard rendering after two done")
     for child in _children(worker.proc.pid):
         os.kill(child, signal.SIGKILL)
     wait_for(lambda: _shards(job_id) and all(sh.status == "done" for sh in _shards(job_id)),

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import secrets
 
 import captcha.image
@@ -11,8 +12,10 @@ from PIL import Image
 
 from shared import shardfmt
 from shared.errors import ArtifactError, InputError
+from shared.images import load_rgb_bytes
 from workers.data import decode_item, decode_shard, read_pgm, to_grey
 from workers.models import ModelConfig
+from workers.predict import Predictor
 from workers.synth import render_items
 
 CFG = ModelConfig(charset="0123456789", length=4, in_height=30, in_width=80,
@@ -98,6 +101,43 @@ def test_a_shard_with_a_truncated_pgm_is_an_artifact_error_naming_the_item():
     bad = shardfmt.Item(41, items[1].label, items[1].data[:-1], "pgm")
     with pytest.raises(ArtifactError, match="item 41"):
         decode_shard(shardfmt.pack([items[0], bad, items[2]], {}), CFG)
+
+
+def _encoded(im: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def _imported_oddities() -> list[tuple[str, bytes, str]]:
+    """Files a user may import: transparency, EXIF rotation, a palette, 16-bit grey."""
+    rgba = Image.new("RGBA", (160, 60), (0, 0, 0, 0))  # transparent black background
+    rgba.paste((20, 40, 200, 255), (30, 10, 130, 50))
+    portrait = Image.new("RGB", (60, 160), (250, 250, 250))
+    portrait.paste((0, 0, 0), (0, 0, 60, 30))  # a bar at the top, before rotation
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown rotated 90 degrees clockwise: 160x60, the bar on the right
+    wide = Image.fromarray(np.linspace(1000, 50000, 160 * 60).astype(np.uint16).reshape(60, 160))
+    return [("alpha", _encoded(rgba, "PNG"), "png"),
+            ("exif", _encoded(portrait, "JPEG", exif=exif), "jpg"),
+            ("palette", _encoded(rgba.convert("RGB").convert("P"), "PNG"), "png"),
+            ("16-bit", _encoded(wide, "PNG"), "png")]
+
+
+@pytest.mark.parametrize("name,data,ext",
+                         [pytest.param(*case, id=case[0]) for case in _imported_oddities()])
+def test_imported_images_train_on_what_predict_reads(name, data, ext):
+    """The training path decodes an imported file as ``predict`` reads the same file."""
+    predictor = Predictor(torch.nn.Identity(), CFG, run_id=0)
+    assert torch.equal(decode_item(data, CFG, ext),
+                       predictor._image_input(load_rgb_bytes(data), name))
+
+
+def test_transparency_trains_on_white_and_exif_rotation_is_applied():
+    cases = {name: decode_item(data, CFG, ext) for name, data, ext in _imported_oddities()}
+    assert cases["alpha"][0, 0, 0] == 255  # composited on white, as predict reads it
+    bar = cases["exif"][0]
+    assert bar[:, -5:].float().mean() < 40 < 200 < bar[:, :5].float().mean()
 
 
 def test_the_captcha_module_gets_its_secrets_back_after_rendering():

@@ -18,12 +18,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms.v2 import functional as TF
 
 from shared.errors import ArtifactError, InputError
+from shared.images import load_rgb_bytes
 from shared.shardfmt import unpack
 from workers.audio import N_FFT, log_mel, read_wav
 from workers.augment import FILL, Augment
@@ -64,6 +66,14 @@ def to_grey(rgb: torch.Tensor) -> torch.Tensor:
     """
     r, g, b = rgb.to(torch.int32).unbind(-3)
     return ((r * 19595 + g * 38470 + b * 7471 + 0x8000) >> 16).to(torch.uint8).unsqueeze(-3)
+
+
+def pil_grey(im: Image.Image) -> torch.Tensor:
+    """A Pillow image -> (1, H, W) uint8 grey: Pillow's luma of its RGB, the same
+    integers as :func:`to_grey`."""
+    if im.mode not in ("L", "RGB"):
+        im = im.convert("RGB")
+    return torch.from_numpy(np.asarray(im.convert("L"), dtype=np.uint8).copy())[None]
 
 
 def to_model_input(image: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
@@ -109,7 +119,7 @@ def decode_item(data: bytes, cfg: ModelConfig, ext: str = "png") -> torch.Tensor
     """One stored item (PGM/PNG/JPEG image or WAV clip, by ``ext``) -> (1, h, w)
     uint8 model input.
 
-    Raises RuntimeError or InputError for bytes that do not decode.
+    Raises InputError for bytes that do not decode.
     """
     if cfg.modality == "audio":
         return wav_to_model_input(data, cfg)
@@ -117,11 +127,15 @@ def decode_item(data: bytes, cfg: ModelConfig, ext: str = "png") -> torch.Tensor
 
 
 def _grey_item(data: bytes, ext: str) -> torch.Tensor:
-    """A stored image -> (1, H, W) uint8 grey at its own size."""
+    """A stored image -> (1, H, W) uint8 grey at its own size.
+
+    PNG and JPEG decode exactly as prediction reads a user's file
+    (:func:`shared.images.load_rgb_bytes`: alpha on white, EXIF rotation, wide grey
+    stretched), so that an imported dataset trains on what ``predict`` will see.
+    """
     if ext == "pgm":
         return read_pgm(data)
-    return to_grey(decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8),
-                                mode=ImageReadMode.RGB))
+    return pil_grey(load_rgb_bytes(data))
 
 
 def _to_input_size(greys: list[torch.Tensor], cfg: ModelConfig) -> torch.Tensor:

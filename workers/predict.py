@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import safetensors.torch
 import torch
 from PIL import Image
@@ -24,7 +23,7 @@ from shared.images import load_rgb, load_rgb_bytes
 from shared.records import find_model
 from shared.shardfmt import Item
 from shared.spec import TABULAR_MODELS
-from workers.data import decode_label, normalize, to_model_input, wav_to_model_input
+from workers.data import decode_label, normalize, pil_grey, to_model_input, wav_to_model_input
 from workers.digits import mnist_input
 from workers.models import ModelConfig, build_model, decode
 
@@ -63,8 +62,7 @@ class Predictor:
     def _image_input(self, im: Image.Image, name: str) -> torch.Tensor:
         if self.cfg.preprocess == "mnist":
             return torch.from_numpy(mnist_input(im, name))[None]
-        rgb = torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.uint8).copy())
-        return to_model_input(rgb.permute(2, 0, 1), self.cfg)
+        return to_model_input(pil_grey(im), self.cfg)
 
     @torch.no_grad()
     def _read(self, x: torch.Tensor) -> list[tuple[str, float]]:

@@ -249,7 +249,7 @@ def test_an_artifact_named_by_an_analysis_file_is_never_deleted(backend):
                          .where(ArtifactChunk.sha256 == loose)).scalar_one() == 0
 
 
-# --- migration 0004 ---------------------------------------------------------------
+# --- migrations 0004 and 0005 ----------------------------------------------------
 
 @pytest.fixture(params=["sqlite", "postgres"])
 def empty_db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
@@ -273,8 +273,8 @@ def test_migration_0004_gives_existing_jobs_zero_attempts_and_downgrades(empty_d
             conn.execute(text(
                 "INSERT INTO jobs (kind, status, spec, settings, created_at) VALUES "
                 "('report', 'failed', '{}', '{}', CURRENT_TIMESTAMP)"))
-        migrate.upgrade(engine)
-        assert migrate.current_revision(engine) == "0004" == migrate.head_revision()
+        migrate.upgrade(engine, "0004")
+        assert migrate.current_revision(engine) == "0004"
         with engine.connect() as conn:
             assert conn.execute(text("SELECT kind, attempts FROM jobs")).all() == [
                 ("report", 0)]
@@ -282,5 +282,53 @@ def test_migration_0004_gives_existing_jobs_zero_attempts_and_downgrades(empty_d
         assert "attempts" not in {c["name"] for c in inspect(engine).get_columns("jobs")}
         with engine.connect() as conn:
             assert conn.execute(text("SELECT kind FROM jobs")).scalars().all() == ["report"]
+    finally:
+        engine.dispose()
+
+
+def _insert_generate(conn, spec: dict) -> None:
+    conn.execute(text("INSERT INTO jobs (kind, status, spec, settings, created_at, attempts) "
+                      "VALUES ('generate', 'done', :spec, '{}', CURRENT_TIMESTAMP, 0)"),
+                 {"spec": json.dumps(spec)})
+
+
+def test_migration_0005_marks_earlier_image_jobs_png_and_downgrades_only_without_pgm(
+        empty_db):
+    from alembic import command
+
+    from shared import migrate
+    from shared.spec import GenerateSpec
+
+    before = {"name": "old", "count": 20, "length": 4, "charset": "0123456789",
+              "shard_size": 10}
+    engine = create_engine(empty_db)
+    try:
+        migrate.upgrade(engine, "0004")
+        with engine.begin() as conn:
+            _insert_generate(conn, {**before, "kind": "image"})
+            _insert_generate(conn, {**before, "name": "voice", "kind": "audio"})
+        migrate.upgrade(engine)
+        assert migrate.current_revision(engine) == "0005" == migrate.head_revision()
+
+        def specs() -> dict:
+            with engine.connect() as conn:
+                rows = conn.execute(text("SELECT spec FROM jobs")).scalars().all()
+            parsed = [json.loads(r) if isinstance(r, str) else r for r in rows]  # SQLite: text
+            return {spec["name"]: spec for spec in parsed}
+
+        upgraded = specs()
+        assert GenerateSpec(**upgraded["old"]).image_format == "png"  # as it was rendered
+        assert "image_format" not in upgraded["voice"]
+        with engine.begin() as conn:
+            _insert_generate(conn, GenerateSpec(**{**before, "name": "new"}).model_dump())
+        with pytest.raises(RuntimeError, match="store grey PGM images"):
+            command.downgrade(migrate.alembic_config(engine), "0004")
+        assert migrate.current_revision(engine) == "0005"  # refused, nothing changed
+        assert {name: spec for name, spec in specs().items() if name != "new"} == upgraded
+        with engine.begin() as conn:
+            conn.execute(text("DELETE FROM jobs WHERE id = (SELECT MAX(id) FROM jobs)"))
+        command.downgrade(migrate.alembic_config(engine), "0004")
+        assert migrate.current_revision(engine) == "0004"
+        assert all("image_format" not in s for s in specs().values())
     finally:
         engine.dispose()

@@ -94,12 +94,14 @@ def generate_shard(job_id: int, index: int, worker: str, retry: int = 0,
 
 def generated_meta(spec: GenerateSpec, shard: Shard) -> dict[str, Any]:
     """The manifest fields of a generated shard: enough to re-render it exactly."""
-    return {
+    meta = {
         "split": shard.split, "start": shard.start, "kind": spec.kind,
         "charset": spec.charset, "length": spec.length, "min_length": spec.min_length,
         "width": spec.width, "height": spec.height, "seed": shard.seed,
-        "image_format": spec.image_format,
     }
+    if spec.kind == "image":
+        meta["image_format"] = spec.image_format
+    return meta
 
 
 def split_permutation(n: int, seed: int) -> list[int]:

@@ -197,6 +197,42 @@ def test_a_task_that_always_fails_is_marked_failed_once_without_looping(backend,
 
 
 @ON_POSTGRES
+def test_a_shard_failing_transiently_retries_up_to_the_setting_then_fails_its_job(
+        backend, start_worker):
+    """More retries than Celery's own default of 3: each one, then the job fails with
+    the reason (not left running by a task that Celery ended first)."""
+    from sqlalchemy import create_engine, text
+
+    job_id = _generate("flaky-db", 50, 50)
+    admin = create_engine(backend["CAPTRAIN_DATABASE_URL"])
+    with admin.begin() as conn:  # every start of this job's shard: a serialization failure
+        conn.execute(text(f"""
+            CREATE FUNCTION captrain_flaky_{job_id}() RETURNS trigger AS $$ BEGIN
+              IF NEW.job_id = {job_id} AND NEW.status = 'running' THEN
+                RAISE EXCEPTION 'injected' USING ERRCODE = 'serialization_failure';
+              END IF;
+              RETURN NEW;
+            END $$ LANGUAGE plpgsql"""))
+        conn.execute(text(f"CREATE TRIGGER flaky_{job_id} BEFORE UPDATE ON shards FOR EACH "
+                          f"ROW EXECUTE FUNCTION captrain_flaky_{job_id}()"))
+    try:
+        worker = start_worker({**backend, "CAPTRAIN_TASK_MAX_RETRIES": "4"}, queues="cpu",
+                              concurrency=1)
+        wait_for(lambda: _ok(["job", str(job_id)])["status"] == "failed", 90,
+                 what="the job failed after its retries")
+    finally:
+        with admin.begin() as conn:
+            conn.execute(text(f"DROP TRIGGER flaky_{job_id} ON shards"))
+            conn.execute(text(f"DROP FUNCTION captrain_flaky_{job_id}()"))
+        admin.dispose()
+    error = _ok(["job", str(job_id)])["error"]
+    retries = worker.log.read_text().count("Retry in")
+    shards = len(_shards(job_id))  # one per split
+    print(f"\ntransient failures: {retries} retries of {shards} shards, then: {error}")
+    assert retries == 4 * shards and "gave up after 4 retries" in error and "injected" in error
+
+
+@ON_POSTGRES
 def test_training_killed_mid_run_resumes_from_its_last_checkpoint(backend, start_worker,
                                                                    tmp_path):
     worker = start_worker(backend, queues="cpu,gpu", concurrency=1)

@@ -126,10 +126,14 @@ def _run(task: Task, job_id: int, index: int | None, work: Callable[[], Any]) ->
         log.warning("job %s: %s", job_id, exc)
         return None
     except TransientError as exc:
-        if task.request.retries >= get_settings().task_max_retries:
+        limit = get_settings().task_max_retries
+        if task.request.retries >= limit:
             fail_job(job_id, f"gave up after {task.request.retries} retries: {exc}", index)
             raise
-        raise task.retry(exc=exc, countdown=min(60, 2 ** task.request.retries)) from exc
+        # The limit goes with the call: Celery's own default (3) would otherwise end
+        # the task first, raising here with the job left running.
+        raise task.retry(exc=exc, countdown=min(60, 2 ** task.request.retries),
+                         max_retries=limit) from exc
     except Exception as exc:
         log.exception("job %s failed", job_id)
         fail_job(job_id, f"{type(exc).__name__}: {exc}", index)
@@ -152,7 +156,9 @@ def split_shard(self: Task, job_id: int, index: int) -> str | None:
                                         self.request.retries, _item_progress(self)))
 
 
-@app.task(name=TRAIN, bind=True)
+# max_retries=None: the retry while another process holds the run's lease has no
+# limit (Celery's default is 3, and retry(max_retries=None) means that default).
+@app.task(name=TRAIN, bind=True, max_retries=None)
 def train(self: Task, run_id: int, job_id: int) -> dict[str, Any] | None:
     """Train run ``run_id`` (of job ``job_id``), resuming from its last checkpoint."""
     result = _run(self, job_id, None,
@@ -162,7 +168,7 @@ def train(self: Task, run_id: int, job_id: int) -> dict[str, Any] | None:
         # A live process trains this run. Look again once its lease could have gone
         # stale: if that process died on another host, this copy takes over; if the
         # run finished, this copy ends as a no-op.
-        raise self.retry(countdown=LEASE_STALE_SECONDS + 20, max_retries=None)
+        raise self.retry(countdown=LEASE_STALE_SECONDS + 20)
     return result
 
 

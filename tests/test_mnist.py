@@ -129,6 +129,63 @@ def test_the_digit_preparation_centres_the_ink_by_mass_in_a_20px_box():
     assert out[0, 0] == 0  # paper is background (black in MNIST)
 
 
+def _digit_predictor(scale: float):
+    import torch
+
+    from workers.models import ModelConfig, build_model
+    from workers.predict import Predictor
+
+    side = round(28 * scale)  # as the train job sizes an MNIST model's input
+    cfg = ModelConfig(charset="0123456789", length=1, arch="lenet", in_height=side,
+                      in_width=side, image_height=28, image_width=28, preprocess="mnist")
+    torch.manual_seed(0)
+    return Predictor(build_model(cfg).eval(), cfg, run_id=0)
+
+
+def test_stored_mnist_digits_are_read_as_training_read_them():
+    """A report reads the test split's stored digits: already MNIST digits (white on
+    black), not photos to prepare, so they must not go through ``mnist_input``."""
+    import torch
+
+    from scheduler.mnist import _png
+    from shared import shardfmt
+    from workers.data import decode_shard
+
+    images, labels = _stored_digits(8)
+    items = [shardfmt.Item(i, str(label), _png(img.tobytes()), "png")
+             for i, (img, label) in enumerate(zip(images, labels, strict=True))]
+    predictor = _digit_predictor(1.0)
+    x, _ = decode_shard(shardfmt.pack(items, {}), predictor.cfg)
+    assert torch.equal(x[:, 0], torch.from_numpy(np.stack(images)))  # 28x28: as stored
+    assert predictor.read_items(items) == predictor._read(x)
+
+
+def _stored_digits(n: int) -> tuple[list[np.ndarray], list[int]]:
+    from handwriting import digits
+
+    pixels8, target = digits()
+    out = []
+    for img in pixels8[:n]:  # white ink on black at 28x28, as an IDX file holds digits
+        big = Image.fromarray((img * (255.0 / 16.0)).astype(np.uint8)).resize((20, 20))
+        field = np.zeros((28, 28), np.uint8)
+        field[4:24, 4:24] = np.asarray(big)
+        out.append(field)
+    return out, [int(t) for t in target[:n]]
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.5])
+def test_a_digit_photo_is_read_at_the_models_input_size(scale):
+    """``--scale`` on an MNIST dataset: the photo's 28x28 digit is resized to the
+    model's input as training resized the stored digits."""
+    from handwriting import digits
+
+    predictor = _digit_predictor(scale)
+    pixels8, _ = digits()
+    x = predictor._image_input(photo(pixels8[0]), "photo")
+    assert x.shape == (1, round(28 * scale), round(28 * scale))
+    assert len(predictor.read([photo(pixels8[0])])) == 1
+
+
 @pytest.mark.integration
 @ON_SQLITE
 def test_mnist_files_import_train_and_predict_a_digit_not_in_them(backend, start_worker,

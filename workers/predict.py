@@ -19,11 +19,18 @@ from torch import nn
 from shared.artifacts import read_verified
 from shared.db import session_scope
 from shared.errors import ArtifactError, CaptrainError, InputError
-from shared.images import load_rgb, load_rgb_bytes
+from shared.images import load_rgb
 from shared.records import find_model
 from shared.shardfmt import Item
 from shared.spec import TABULAR_MODELS
-from workers.data import decode_label, normalize, pil_grey, to_model_input, wav_to_model_input
+from workers.data import (
+    decode_item,
+    decode_label,
+    normalize,
+    pil_grey,
+    to_model_input,
+    wav_to_model_input,
+)
 from workers.digits import mnist_input
 from workers.models import ModelConfig, build_model, decode
 
@@ -60,9 +67,11 @@ class Predictor:
         return cls(model, cfg, run_id)
 
     def _image_input(self, im: Image.Image, name: str) -> torch.Tensor:
-        if self.cfg.preprocess == "mnist":
-            return torch.from_numpy(mnist_input(im, name))[None]
-        return to_model_input(pil_grey(im), self.cfg)
+        # A user's digit photo becomes a 28x28 MNIST digit first; then both kinds are
+        # resized to the model's input as training resized its stored images.
+        grey = (torch.from_numpy(mnist_input(im, name))[None] if self.cfg.preprocess == "mnist"
+                else pil_grey(im))
+        return to_model_input(grey, self.cfg)
 
     @torch.no_grad()
     def _read(self, x: torch.Tensor) -> list[tuple[str, float]]:
@@ -90,16 +99,20 @@ class Predictor:
         return self._read(torch.stack([wav_to_model_input(c, self.cfg) for c in clips]))
 
     def read_items(self, items: list[Item]) -> list[tuple[str, float]]:
-        """Read shard items (the bytes a dataset stores) as ``read`` reads images.
+        """Read shard items (the bytes a dataset stores), decoded as training decoded
+        them: a stored MNIST digit is already one, not a photo to prepare.
 
         Raises ArtifactError for an item that does not decode.
         """
-        try:
-            if self.cfg.modality == "audio":
-                return self.read_clips([it.data for it in items])
-            return self.read([load_rgb_bytes(it.data, f"item {it.index}") for it in items])
-        except InputError as exc:
-            raise ArtifactError(f"shard item cannot be used: {exc}") from exc
+        if not items:
+            return []
+        inputs = []
+        for it in items:
+            try:
+                inputs.append(decode_item(it.data, self.cfg, it.ext))
+            except InputError as exc:
+                raise ArtifactError(f"shard item {it.index} cannot be used: {exc}") from exc
+        return self._read(torch.stack(inputs))
 
     def read_file(self, path: Path) -> tuple[str, float]:
         """Read one image or WAV file, by the model's kind. Raises InputError."""

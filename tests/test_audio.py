@@ -106,3 +106,25 @@ def test_audio_captchas_across_two_workers_train_and_a_fresh_wav_is_read(
     png.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
     result = runner.invoke(app, ["predict", "--model", "talk", str(png)])
     assert result.exit_code == 5 and "not a readable WAV" in result.output
+
+
+def _tone_wav(n: int) -> bytes:
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(8000)
+        w.writeframes(torch.full((n,), 8000, dtype=torch.int16).numpy().tobytes())
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("n", [1, 100, 639])
+def test_a_clip_shorter_than_one_window_is_read_as_padded_with_silence(n):
+    samples, rate = read_wav(_tone_wav(n), "tiny.wav")
+    spec = log_mel(samples, rate, 8000, 32, 320, 40)
+    assert spec.shape == (1, 32, 40) and spec[0, :, 3:].max() == 0  # silence after it
+
+
+def test_a_wav_with_no_samples_is_refused_by_name():
+    with pytest.raises(InputError, match=r"tiny\.wav: WAV holds no samples"):
+        read_wav(_tone_wav(0), "tiny.wav")

@@ -90,6 +90,8 @@ def log_mel(samples: torch.Tensor, rate: int, sample_rate: int, n_mels: int, hop
         n = max(1, round(len(samples) * sample_rate / rate))
         samples = F.interpolate(samples[None, None], size=n, mode="linear",
                                 align_corners=False)[0, 0]
+    if len(samples) < n_fft:  # a clip shorter than one window: silence after it
+        samples = F.pad(samples, (0, n_fft - len(samples)))
     spec = torch.stft(samples, n_fft, hop_length=hop, window=torch.hann_window(n_fft),
                       center=True, return_complex=True).abs() ** 2  # (F, T)
     db = 10.0 * torch.log10(mel_filterbank(n_mels, sample_rate, n_fft) @ spec + 1e-10)

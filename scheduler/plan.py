@@ -34,11 +34,14 @@ from shared.schema import (
 )
 from shared.settings import get_settings
 from shared.spec import (
+    CRNN_COLUMNS_PER_STEP,
+    MIN_INPUT,
     TABULAR_MODELS,
     GenerateSpec,
     SplitSpec,
     TrainSpec,
     derive_seed,
+    image_input_size,
     resolve_charset,
 )
 
@@ -130,6 +133,9 @@ def scan_import(folder: Path) -> ImportPlan:
         label = path.stem.split("_")[-1]
         if len(label) != length or not label:
             raise InputError(f"{path}: label {label!r} is not {length} characters like the rest")
+        if (nbytes := path.stat().st_size) > shardfmt.MAX_MEMBER_BYTES:
+            raise InputError(f"{path}: {nbytes} bytes is beyond the {shardfmt.MAX_MEMBER_BYTES} "
+                             "bytes a shard item may hold")
         w, h = check_image(path)
         size = size or (w, h)
     chars = "".join(sorted({c for p in files for c in p.stem.split("_")[-1]}))
@@ -215,8 +221,8 @@ def _builtin_dataset(session: Session, name: str) -> Dataset | None:
                         meta={"source": "sklearn.datasets.load_iris"})
 
 
-def check_model_fits(ds: Dataset, model: str) -> None:
-    """Raise SpecError when ``model`` cannot learn dataset ``ds``."""
+def check_model_fits(ds: Dataset, model: str, scale: float | None = None) -> None:
+    """Raise SpecError when ``model`` cannot learn dataset ``ds`` at ``scale``."""
     if ds.kind == "iris" or model in TABULAR_MODELS:
         if ds.kind != "iris" or model not in TABULAR_MODELS:
             raise SpecError(f"model {model} does not fit dataset {ds.name} ({ds.kind}): "
@@ -227,6 +233,19 @@ def check_model_fits(ds: Dataset, model: str) -> None:
     if shortest != ds.length and model != "crnn":
         raise SpecError(f"dataset {ds.name} holds texts of {shortest} to {ds.length} "
                         f"characters; model {model} reads a fixed length: use --model crnn")
+    if ds.kind == "audio":
+        return  # a spectrogram of the clip's length: the train job sizes it
+    height, width = image_input_size(ds.kind, ds.height, ds.width, scale)
+    min_height, min_width = MIN_INPUT[model]
+    seen = f"dataset {ds.name}'s {ds.width}x{ds.height} images give {width}x{height} px"
+    if height < min_height or width < min_width:
+        raise SpecError(f"model {model} needs an input of at least {min_width}x{min_height} "
+                        f"px and {seen}: use a larger --scale or larger images")
+    steps = width // CRNN_COLUMNS_PER_STEP
+    if model == "crnn" and steps < 2 * ds.length - 1:
+        raise SpecError(f"crnn reads {ds.length} characters in {steps} time steps when "
+                        f"{seen}; it needs {2 * ds.length - 1} (a blank between repeated "
+                        "characters): use a larger --scale or wider images")
 
 
 def plan_train(spec: TrainSpec) -> tuple[int, int]:
@@ -239,7 +258,7 @@ def plan_train(spec: TrainSpec) -> tuple[int, int]:
             if found is None:
                 raise
             ds = found
-        check_model_fits(ds, spec.model)
+        check_model_fits(ds, spec.model, spec.scale)
         if ds.status != READY:
             raise StateError(
                 f"dataset {ds.name} is {ds.status}, not ready"

@@ -32,3 +32,16 @@ def test_import_of_an_empty_or_missing_folder_is_an_input_error(tmp_path):
         scan_import(tmp_path)
     with pytest.raises(InputError, match="not a directory"):
         scan_import(tmp_path / "nope")
+
+
+def test_import_refuses_a_file_larger_than_a_shard_item_may_be(tmp_path):
+    """Refused here, not later by every ``shard`` of the imported dataset."""
+    from shared.shardfmt import MAX_MEMBER_BYTES
+
+    _img(tmp_path / "0782.png")
+    big = tmp_path / "1234.png"
+    _img(big)
+    with big.open("ab") as fh:  # Pillow reads the image and ignores what follows it
+        fh.write(bytes(MAX_MEMBER_BYTES))
+    with pytest.raises(InputError, match=r"1234\.png: \d+ bytes is beyond"):
+        scan_import(tmp_path)

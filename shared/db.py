@@ -59,6 +59,25 @@ def get_engine(settings: Settings | None = None) -> Engine:
     return engine
 
 
+@contextmanager
+def _migration_lock(engine: Engine) -> Iterator[None]:
+    """An exclusive lock on a file beside a SQLite database while its schema is
+    upgraded: processes started together on a fresh one (a cpu and a gpu worker, say)
+    would otherwise each create its tables, and all but one fail."""
+    import fcntl
+
+    path = engine.url.database
+    if not path or path == ":memory:":
+        yield
+        return
+    with open(f"{path}.migrate-lock", "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 def _check_schema(engine: Engine, auto_upgrade: bool) -> None:
     from shared import migrate
 
@@ -71,7 +90,10 @@ def _check_schema(engine: Engine, auto_upgrade: bool) -> None:
     if current == migrate.head_revision():
         return
     if auto_upgrade:
-        migrate.upgrade(engine)
+        with _migration_lock(engine):
+            # Again under the lock: another process may have upgraded it meanwhile.
+            if migrate.current_revision(engine) != migrate.head_revision():
+                migrate.upgrade(engine)
         return
     raise ConfigError(
         f"database schema is at {current or 'nothing'}, code expects "

@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import os
+from typing import Any
+
 import pytest
 
 from shared.errors import ConfigError
@@ -8,8 +11,6 @@ from shared.settings import load_settings, redact_url
 
 @pytest.fixture(autouse=True)
 def clean_env(monkeypatch, tmp_path):
-    import os
-
     for k in list(os.environ):
         if k.startswith("CAPTRAIN_"):
             monkeypatch.delenv(k)
@@ -72,3 +73,39 @@ def test_redact_leaves_urls_without_password_alone():
     for url in ("redis://127.0.0.1:6379/0", "sqlite:////tmp/x/captrain.db",
                 "redis+socket:///tmp/x/redis.sock"):
         assert redact_url(url) == url
+
+
+def _first_use(url: str, start: Any, out: Any) -> None:
+    os.environ["CAPTRAIN_DATABASE_URL"] = url
+    from shared import db
+
+    start.wait()
+    try:
+        db.get_engine()
+        out.put("ok")
+    except Exception as exc:  # reported to the test, which names it
+        out.put(f"{type(exc).__name__}: {exc}")
+
+
+def test_processes_starting_together_on_a_fresh_sqlite_database_all_get_its_schema(tmp_path):
+    """A cpu and a gpu worker started at once on a new CAPTRAIN_HOME: each process's
+    first use upgrades the embedded database; one creates the tables, none fails."""
+    import multiprocessing as mp
+
+    from sqlalchemy import create_engine
+
+    from shared import migrate
+
+    ctx = mp.get_context("spawn")
+    url = f"sqlite:///{tmp_path / 'fresh.db'}"
+    start, out = ctx.Barrier(3), ctx.Queue()
+    procs = [ctx.Process(target=_first_use, args=(url, start, out)) for _ in range(3)]
+    for proc in procs:
+        proc.start()
+    results = [out.get(timeout=120) for _ in procs]
+    for proc in procs:
+        proc.join(30)
+    assert results == ["ok"] * 3
+    engine = create_engine(url)
+    assert migrate.current_revision(engine) == migrate.head_revision()
+    engine.dispose()

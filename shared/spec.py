@@ -163,6 +163,21 @@ class SplitSpec(_Spec):
 MODELS = ("multihead", "cnn", "lenet", "crnn", "logreg", "mlp")
 TABULAR_MODELS = ("logreg", "mlp")
 
+# The smallest model input (height, width) each image model takes, px: multihead, cnn
+# and crnn halve the height four times (crnn the width twice), lenet pools twice
+# after an unpadded 5x5 convolution. tests/test_models.py builds each at its minimum.
+MIN_INPUT = {"multihead": (16, 16), "cnn": (16, 16), "lenet": (12, 12), "crnn": (16, 4)}
+CRNN_COLUMNS_PER_STEP = 4  # an image crnn gives one CTC time step per 4 input columns
+
+
+def image_input_size(kind: str, height: int, width: int, scale: float | None
+                     ) -> tuple[int, int]:
+    """The model input (height, width) for a dataset of ``kind`` with images of
+    ``width`` x ``height``: scaled by ``scale``, by default 0.5 for captchas and 1 for
+    28x28 digits."""
+    factor = scale or (1.0 if kind == "mnist" else 0.5)
+    return max(8, round(height * factor)), max(8, round(width * factor))
+
 
 class TrainSpec(_Spec):
     dataset: Name

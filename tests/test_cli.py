@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import uuid
 
 import pytest
 from sqlalchemy import func, select
@@ -52,6 +53,39 @@ def test_bad_input_prints_one_error_line_exits_non_zero_and_writes_nothing(backe
     assert len(lines) == 1 and lines[0].startswith("error:"), result.output
     assert "Traceback" not in result.output
     assert _row_counts() == before
+
+
+@pytest.mark.parametrize(
+    "generate,train,message",
+    [
+        # 160x30 at the default scale 0.5: 15 px high, below four 2x2 pools.
+        (["--height", "30"], [], "needs an input of at least 16x16 px"),
+        (["--height", "30"], ["--model", "crnn"], "needs an input of at least 4x16 px"),
+        # 60 px wide at scale 0.5: 7 CTC steps for 6 characters, which may need 11.
+        (["--length", "6", "--width", "60"], ["--model", "crnn"], "in 7 time steps"),
+        (["--min-length", "3", "--length", "5"], [], "reads a fixed length"),
+    ],
+)
+def test_a_model_that_cannot_read_the_dataset_is_refused_before_any_row(
+        backend, generate, train, message):
+    name = f"odd-{uuid.uuid4().hex[:8]}"  # PostgreSQL keeps one database per session
+    made = runner.invoke(app, ["generate", "--name", name, "--count", "100",
+                               "--shard-size", "100", *generate])
+    assert made.exit_code == 0, made.output
+    before = _row_counts()
+    result = runner.invoke(app, ["train", "--dataset", name, *train])
+    lines = [ln for ln in result.output.splitlines() if ln.strip()]
+    assert result.exit_code == 2 and len(lines) == 1, result.output
+    assert lines[0].startswith("error:") and message in lines[0], result.output
+    assert _row_counts() == before
+
+
+def test_a_large_enough_scale_passes_the_size_check(backend):
+    name = f"low-{uuid.uuid4().hex[:8]}"
+    assert runner.invoke(app, ["generate", "--name", name, "--count", "100",
+                               "--shard-size", "100", "--height", "30"]).exit_code == 0
+    result = runner.invoke(app, ["train", "--dataset", name, "--scale", "0.6"])
+    assert "not ready" in result.output  # past the size check: 96x18 px fits
 
 
 def test_predict_without_any_model_says_so(backend, tmp_path):

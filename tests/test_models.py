@@ -5,6 +5,7 @@ import random
 import pytest
 import torch
 
+from shared.spec import CRNN_COLUMNS_PER_STEP, MIN_INPUT
 from workers import checkpoint
 from workers.data import decode_label, encode_label
 from workers.models import PAD, ModelConfig, build_model, decode, time_steps
@@ -175,3 +176,30 @@ def test_a_crnn_learns_texts_of_mixed_length_from_synthetic_strokes():
                  on_epoch=lambda *a: None)
     print(f"\ncrnn on synthetic strokes: seq_acc {result.test['seq_acc']:.3f}")
     assert result.test["seq_acc"] > 0.9
+
+
+@pytest.mark.parametrize("arch", sorted(MIN_INPUT))
+def test_each_image_model_runs_at_its_minimum_input_and_not_below(arch):
+    """``MIN_INPUT``, by which the scheduler refuses a train job, is each model's real
+    limit: it builds and runs at the minimum, and fails one pixel below in either
+    dimension."""
+    min_h, min_w = MIN_INPUT[arch]
+
+    def runs(h: int, w: int) -> bool:
+        cfg = ModelConfig(charset="0123456789", length=1, arch=arch, in_height=h,
+                          in_width=w, image_height=h, image_width=w)
+        try:
+            build_model(cfg).eval()(torch.zeros(2, 1, h, w))
+        except (RuntimeError, ValueError):  # a pool to nothing; BatchNorm over one value
+            return False
+        return True
+
+    assert runs(min_h, min_w)
+    assert not runs(min_h - 1, min_w) and not runs(min_h, min_w - 1)
+
+
+def test_an_image_crnn_gives_one_time_step_per_columns_per_step():
+    cfg = ModelConfig(charset="0123456789", length=4, arch="crnn", in_height=30,
+                      in_width=80, image_height=60, image_width=160)
+    steps = build_model(cfg).eval()(torch.zeros(1, 1, 30, 80)).shape[1]
+    assert steps == time_steps(cfg) == 80 // CRNN_COLUMNS_PER_STEP

@@ -37,7 +37,7 @@ from shared.records import (
     upsert_metrics,
 )
 from shared.schema import DONE, READY, RUNNING, Dataset, Job, Model, Run, Shard, utcnow
-from shared.spec import GenerateSpec, SplitSpec, TrainSpec
+from shared.spec import GenerateSpec, SplitSpec, TrainSpec, image_input_size
 from workers.shutdown import stop_requested
 
 if TYPE_CHECKING:
@@ -202,11 +202,10 @@ def model_config(dataset: Dataset, spec: TrainSpec) -> ModelConfig:
             n_mels=AUDIO_MELS, hop=AUDIO_HOP, n_fft=2 * AUDIO_HOP,
             channels=AUDIO_CHANNELS[trunk], time_pool=AUDIO_TIME_POOL, trunk=trunk,
         )
-    scale = spec.scale or (1.0 if dataset.kind == "mnist" else 0.5)
+    in_height, in_width = image_input_size(dataset.kind, dataset.height, dataset.width,
+                                           spec.scale)
     return ModelConfig(
-        **common,
-        in_height=max(8, round(dataset.height * scale)),
-        in_width=max(8, round(dataset.width * scale)),
+        **common, in_height=in_height, in_width=in_width,
         image_height=dataset.height, image_width=dataset.width,
         preprocess="mnist" if dataset.kind == "mnist" else "resize",
     )

@@ -12,7 +12,7 @@ import socket
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import case, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from shared.db import insert_for, session_scope
@@ -65,7 +65,9 @@ def start_shard(job_id: int, index: int, worker: str, count_attempt: bool = True
         if shard.status == DONE or job.status in (CANCELLED, FAILED):
             return False
         attempts = shard.attempts
-        if attempts < MAX_ATTEMPTS:
+        # A Celery retry goes on with an attempt already admitted: it is not judged
+        # against the limit again.
+        if attempts < MAX_ATTEMPTS or not count_attempt:
             # Atomic increment: two deliveries at once must both be counted.
             s.execute(update(Shard).where(Shard.id == shard.id).values(
                 attempts=Shard.attempts + int(count_attempt), worker=worker, status=RUNNING))
@@ -144,8 +146,9 @@ def _owner_is_dead(owner: str) -> bool:
     return False
 
 
-def acquire_run(run_id: int, owner: str) -> str:
-    """Take the lease of a run for ``owner`` ("host:pid").
+def acquire_run(run_id: int, owner: str, count_attempt: bool = True) -> str:
+    """Take the lease of a run for ``owner`` ("host:pid"), counting an attempt if
+    ``count_attempt`` (a Celery retry goes on with one already counted).
 
     Returns "acquired", "done" (nothing to do), "held" (another live process trains
     it: this delivery is a duplicate) or "exhausted" (attempts used up; the run is
@@ -159,7 +162,7 @@ def acquire_run(run_id: int, owner: str) -> str:
             raise NotFound(f"no run {run_id}")
         if run.status in (DONE, CANCELLED, FAILED):
             return "done"
-        if run.attempts >= MAX_ATTEMPTS:
+        if run.attempts >= MAX_ATTEMPTS and count_attempt:
             attempts, job_id = run.attempts, run.job_id
         else:
             holder = run.lease_owner
@@ -173,18 +176,24 @@ def acquire_run(run_id: int, owner: str) -> str:
             got = _rowcount(s.execute(
                 update(Run)
                 .where(Run.id == run_id, Run.status.notin_([DONE, CANCELLED, FAILED]), free)
-                .values(lease_owner=owner, heartbeat_at=now, attempts=Run.attempts + 1)
+                .values(lease_owner=owner, heartbeat_at=now,
+                        attempts=Run.attempts + int(count_attempt))
             ))
             return "acquired" if got == 1 else "held"
     fail_job(job_id, f"training gave up after {attempts} attempts")
     return "exhausted"
 
 
-def release_run(run_id: int, owner: str) -> None:
-    """Give up the lease, if ``owner`` still holds it."""
+def release_run(run_id: int, owner: str, give_back_attempt: bool = False) -> None:
+    """Give up the lease, if ``owner`` still holds it; with ``give_back_attempt``, also
+    the attempt it counted (a warm shutdown: the run checkpointed and goes back to
+    the queue, so five rolling restarts do not fail it)."""
+    values: dict[str, Any] = {"lease_owner": None}
+    if give_back_attempt:
+        values["attempts"] = case((Run.attempts > 0, Run.attempts - 1), else_=0)
     with session_scope() as s:
         s.execute(update(Run).where(Run.id == run_id, Run.lease_owner == owner)
-                  .values(lease_owner=None))
+                  .values(**values))
 
 
 class Cancelled(StateError):

@@ -233,6 +233,52 @@ def test_a_shard_failing_transiently_retries_up_to_the_setting_then_fails_its_jo
 
 
 @ON_POSTGRES
+def test_a_retried_shard_that_dies_with_its_worker_counts_an_attempt(backend, start_worker):
+    """The first delivery of a Celery retry is not a new attempt, but its redelivery
+    after the worker died is: a poison message cannot loop uncounted once retried."""
+    from sqlalchemy import create_engine, text
+
+    job_id = _generate("retried-kill", 1000, 1000)  # shard 0: the 800 training images
+    admin = create_engine(backend["CAPTRAIN_DATABASE_URL"])
+    with admin.begin() as conn:  # shard 0's first start only: a serialization failure
+        conn.execute(text(f"CREATE SEQUENCE captrain_once_{job_id}"))
+        conn.execute(text(f"""
+            CREATE FUNCTION captrain_once_{job_id}() RETURNS trigger AS $$ BEGIN
+              IF NEW.job_id = {job_id} AND NEW."index" = 0 AND NEW.status = 'running'
+                 AND nextval('captrain_once_{job_id}') = 1 THEN
+                RAISE EXCEPTION 'injected' USING ERRCODE = 'serialization_failure';
+              END IF;
+              RETURN NEW;
+            END $$ LANGUAGE plpgsql"""))
+        conn.execute(text(f"CREATE TRIGGER once_{job_id} BEFORE UPDATE ON shards FOR EACH "
+                          f"ROW EXECUTE FUNCTION captrain_once_{job_id}()"))
+    try:
+        worker = start_worker(backend, queues="cpu", concurrency=1)
+        # The retry's delivery renders shard 0: kill it there.
+        wait_for(lambda: _shards(job_id)[0].status == RUNNING, 120, interval=0.02,
+                 what="shard 0 rendering in its retry")
+        for child in _children(worker.proc.pid):
+            os.kill(child, signal.SIGKILL)
+        wait_for(lambda: all(sh.status == "done" for sh in _shards(job_id)), 180,
+                 what="all shards done")
+    finally:
+        with admin.begin() as conn:
+            conn.execute(text(f"DROP TRIGGER once_{job_id} ON shards"))
+            conn.execute(text(f"DROP FUNCTION captrain_once_{job_id}()"))
+            conn.execute(text(f"DROP SEQUENCE captrain_once_{job_id}"))
+        admin.dispose()
+    log = worker.log.read_text()
+    attempts = _shards(job_id)[0].attempts
+    print(f"\nshard 0: retried ({log.count('Retry in')}), killed in its retry, "
+          f"finished on redelivery; attempts counted {attempts}")
+    assert log.count("Retry in") == 1
+    # First delivery: rolled back with its failed start; the retry: not counted; its
+    # redelivery after the kill: counted.
+    assert attempts == 1
+    _check_complete(job_id, 1000, "a retried shard killed with its worker")
+
+
+@ON_POSTGRES
 def test_training_killed_mid_run_resumes_from_its_last_checkpoint(backend, start_worker,
                                                                    tmp_path):
     worker = start_worker(backend, queues="cpu,gpu", concurrency=1)
@@ -471,6 +517,8 @@ def test_sigterm_checkpoints_training_mid_epoch_and_requeues_it(backend, start_w
           f"mid-epoch checkpoint; run resumed at epoch {run['resumed_from']} and finished")
     assert run["resumed_from"] is not None and run["resumed_from"] >= 1
     assert [e["epoch"] for e in run["per_epoch"]] == list(range(1, 5))
+    # The warm shutdown gave its attempt back: five rolling restarts must not fail a run.
+    assert run_row().attempts == 1
 
 
 @ON_POSTGRES

@@ -74,17 +74,17 @@ def store_analysis(job_id: int, kind: str, subject: str, summary: dict[str, Any]
         return analysis.id
 
 
-def run_explore(job_id: int, retry: int = 0) -> int | None:
+def run_explore(job_id: int, count_attempt: bool = True) -> int | None:
     """Explore the dataset named by explore job ``job_id``; store the result.
 
-    ``retry`` is the Celery retry count: a retry after a transient error is not a new
-    attempt. Returns the analysis id, or None if the job had ended or used up its
-    attempts. Raises NotFound for an unknown job, SpecError for a dataset that cannot
-    be explored.
+    ``count_attempt``: whether this delivery counts against the job's attempts
+    (``workers.tasks.new_attempt``). Returns the analysis id, or None if the job had
+    ended or used up its attempts. Raises NotFound for an unknown job, SpecError for
+    a dataset that cannot be explored.
     """
     from workers.explore import explore  # matplotlib and scikit-learn load on demand
 
-    spec = start_job(job_id, "explore", count_attempt=retry == 0)
+    spec = start_job(job_id, "explore", count_attempt)
     if spec is None:
         return None
     result = explore(str(spec["dataset"]))
@@ -116,11 +116,11 @@ def _test_items(layout_job_id: int | None, limit: int) -> tuple[list[shardfmt.It
     return items[:limit], sum(c for _, c in shards)
 
 
-def run_report(job_id: int, retry: int = 0) -> int | None:
+def run_report(job_id: int, count_attempt: bool = True) -> int | None:
     """Report on the run named by report job ``job_id``: curves from its metrics,
     predictions of its test items by its stored model; store the result.
 
-    ``retry`` is as for :func:`run_explore`. Returns the analysis id, or None if the
+    ``count_attempt`` is as for :func:`run_explore`. Returns the analysis id, or None if the
     job had ended or used up its attempts. Raises NotFound for an
     unknown job or run, StateError for a run that is not done or a dataset without
     test shards, ArtifactError for a stored shard or model that fails its check.
@@ -128,7 +128,7 @@ def run_report(job_id: int, retry: int = 0) -> int | None:
     from workers.predict import Predictor  # torch loads on demand
     from workers.report import build_report
 
-    spec = start_job(job_id, "report", count_attempt=retry == 0)
+    spec = start_job(job_id, "report", count_attempt)
     if spec is None:
         return None
     run_id, limit = int(spec["run"]), int(spec["limit"])

@@ -10,18 +10,18 @@ from celery import Task
 
 from shared.celery_app import EXPLORE, REPORT, app
 from workers import analysis
-from workers.tasks import _run
+from workers.tasks import _run, new_attempt
 
 
 @app.task(name=EXPLORE, bind=True)
 def explore(self: Task, job_id: int) -> int | None:
     """Compute the statistics and plots of explore job ``job_id``; returns the analysis id."""
     return _run(self, job_id, None,
-                lambda: analysis.run_explore(job_id, self.request.retries))
+                lambda: analysis.run_explore(job_id, new_attempt(self)))
 
 
 @app.task(name=REPORT, bind=True)
 def report(self: Task, job_id: int) -> int | None:
     """Render the report of report job ``job_id``; returns the analysis id."""
     return _run(self, job_id, None,
-                lambda: analysis.run_report(job_id, self.request.retries))
+                lambda: analysis.run_report(job_id, new_attempt(self)))

@@ -38,7 +38,7 @@ from shared.records import (
 )
 from shared.schema import DONE, READY, RUNNING, Dataset, Job, Model, Run, Shard, utcnow
 from shared.spec import GenerateSpec, SplitSpec, TrainSpec, image_input_size
-from workers.shutdown import stop_requested
+from workers.shutdown import StopRequested, stop_requested
 
 if TYPE_CHECKING:
     from workers.models import ModelConfig
@@ -65,14 +65,16 @@ def _store_shard(job_id: int, index: int, data: bytes, worker: str) -> str:
     return sha
 
 
-def generate_shard(job_id: int, index: int, worker: str, retry: int = 0,
+def generate_shard(job_id: int, index: int, worker: str, count_attempt: bool = True,
                    progress: Callable[[int, int], None] | None = None) -> str | None:
     """Render shard ``index`` of a generate job and store it. Returns its sha256, or
-    None if there was nothing to do (already done, or the job ended). ``progress``,
-    if given, is called as ``progress(items_done, shard_count)`` while it renders."""
+    None if there was nothing to do (already done, or the job ended).
+    ``count_attempt``: whether this delivery counts against the shard's attempts
+    (``workers.tasks.new_attempt``). ``progress``, if given, is called as
+    ``progress(items_done, shard_count)`` while it renders."""
     from workers.synth import render_audio_items, render_items  # worker-only deps
 
-    if not start_shard(job_id, index, worker, count_attempt=retry == 0):
+    if not start_shard(job_id, index, worker, count_attempt):
         # Done already (perhaps by a run killed before it could finish the job):
         # completion is idempotent, so check it again.
         complete_if_done(job_id)
@@ -111,12 +113,12 @@ def split_permutation(n: int, seed: int) -> list[int]:
     return order
 
 
-def split_shard(job_id: int, index: int, worker: str, retry: int = 0,
+def split_shard(job_id: int, index: int, worker: str, count_attempt: bool = True,
                 progress: Callable[[int, int], None] | None = None) -> str | None:
     """Build output shard ``index`` of a split job from the dataset's source shards.
-    ``progress``, if given, is called as ``progress(items_found, shard_count)`` after
-    each source shard read."""
-    if not start_shard(job_id, index, worker, count_attempt=retry == 0):
+    ``count_attempt`` is as for :func:`generate_shard`. ``progress``, if given, is
+    called as ``progress(items_found, shard_count)`` after each source shard read."""
+    if not start_shard(job_id, index, worker, count_attempt):
         complete_if_done(job_id)
         return None
     job, shard, dataset = _load_shard_context(job_id, index)
@@ -221,20 +223,26 @@ TRAIN_CACHE_BYTES = 192 * 2**20
 VAL_CACHE_BYTES = 64 * 2**20
 
 
-def train_run(run_id: int, worker: str, progress: Any = None) -> dict[str, Any] | None:
+def train_run(run_id: int, worker: str, progress: Any = None,
+              count_attempt: bool = True) -> dict[str, Any] | None:
     """Train run ``run_id``, resuming from its last checkpoint; store the model.
 
     Returns the test metrics, or None if the run was already done. ``progress``, if
     given, is called as ``progress(epoch, done_items, total_items, metrics)``.
     Returns ``HELD`` if another live process holds the run's lease.
+    ``count_attempt`` is as for :func:`generate_shard`; a warm shutdown's stop gives
+    its attempt back (the run checkpointed: nothing failed).
     """
     owner = f"{socket.gethostname()}:{os.getpid()}"
-    lease = acquire_run(run_id, owner)
+    lease = acquire_run(run_id, owner, count_attempt)
     if lease != "acquired":
         log.warning("run %s: not training here (%s)", run_id, lease)
         return HELD if lease == "held" else None
     try:
         return _train_leased(run_id, owner, worker, progress)
+    except StopRequested:
+        release_run(run_id, owner, give_back_attempt=True)
+        raise
     except BaseException:
         # Let a redelivery (on this host or another) take over without waiting for
         # the lease to go stale. A SIGKILL skips this; staleness covers it.

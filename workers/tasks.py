@@ -105,6 +105,17 @@ def _epoch_progress(task: Task) -> Callable[[int, int, int, dict[str, Any]], Non
     return progress
 
 
+def new_attempt(task: Task) -> bool:
+    """Whether this delivery is a new attempt at its work, counted against
+    ``MAX_ATTEMPTS``: a message's first delivery, and any redelivery (the broker
+    restores a message whose worker was killed or lost). The first delivery of a
+    Celery retry after a transient error goes on with an attempt already counted;
+    if that one kills its worker, its redelivery counts again, so a poison message
+    cannot loop forever once it has been retried."""
+    info = task.request.delivery_info or {}
+    return task.request.retries == 0 or bool(info.get("redelivered"))
+
+
 def _run(task: Task, job_id: int, index: int | None, work: Callable[[], Any]) -> Any:
     try:
         return work()
@@ -145,7 +156,7 @@ def generate_shard(self: Task, job_id: int, index: int) -> str | None:
     """Render and store shard ``index`` of generate job ``job_id``."""
     return _run(self, job_id, index,
                 lambda: jobs.generate_shard(job_id, index, self.request.hostname or HOST,
-                                           self.request.retries, _item_progress(self)))
+                                           new_attempt(self), _item_progress(self)))
 
 
 @app.task(name=SPLIT_SHARD, bind=True)
@@ -153,7 +164,7 @@ def split_shard(self: Task, job_id: int, index: int) -> str | None:
     """Build output shard ``index`` of split job ``job_id``."""
     return _run(self, job_id, index,
                 lambda: jobs.split_shard(job_id, index, self.request.hostname or HOST,
-                                        self.request.retries, _item_progress(self)))
+                                        new_attempt(self), _item_progress(self)))
 
 
 # max_retries=None: the retry while another process holds the run's lease has no
@@ -163,7 +174,7 @@ def train(self: Task, run_id: int, job_id: int) -> dict[str, Any] | None:
     """Train run ``run_id`` (of job ``job_id``), resuming from its last checkpoint."""
     result = _run(self, job_id, None,
                   lambda: jobs.train_run(run_id, f"{self.request.hostname or HOST}",
-                                         _epoch_progress(self)))
+                                         _epoch_progress(self), new_attempt(self)))
     if result is jobs.HELD:
         # A live process trains this run. Look again once its lease could have gone
         # stale: if that process died on another host, this copy takes over; if the

@@ -1,7 +1,7 @@
 """Synthesis throughput: the generate job through Redis and the SQL store, against the
 plain ``captcha`` loop, measured side by side in this process.
 
-    python bench/synth.py [--images 3000] [--rounds 3] [--shard-size 250]
+    python bench/synth.py [--images 12000] [--rounds 3] [--shard-size 250]
                           [--image-format pgm|png]
 
 The synthesis ratio runs the job on 1 worker process while the plain
@@ -134,7 +134,8 @@ def job_rate(n: int, shard_size: int, processes: int, tag: str, image_format: st
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--images", type=int, default=3000, help="captchas per job run")
+    ap.add_argument("--images", type=int, default=12000,
+                    help="captchas per job run (large enough for a steady state)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--shard-size", type=int, default=250)
     ap.add_argument("--image-format", choices=("pgm", "png"), default="pgm")

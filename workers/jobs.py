@@ -241,7 +241,7 @@ def train_run(run_id: int, worker: str, progress: Any = None,
     try:
         return _train_leased(run_id, owner, worker, progress)
     except StopRequested:
-        release_run(run_id, owner, give_back_attempt=True)
+        release_run(run_id, owner, give_back_attempt=count_attempt)
         raise
     except BaseException:
         # Let a redelivery (on this host or another) take over without waiting for

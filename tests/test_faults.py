@@ -13,6 +13,8 @@ import signal
 import subprocess
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 import redis
@@ -196,35 +198,48 @@ def test_a_task_that_always_fails_is_marked_failed_once_without_looping(backend,
     assert "count" in _ok(["job", str(job_id)])["error"]
 
 
+@contextmanager
+def _failing_starts(url: str, job_id: int, when: str = "TRUE") -> Iterator[None]:
+    """While the block runs, a start of a shard of ``job_id`` (its UPDATE to running)
+    fails with PostgreSQL's serialization_failure, a transient error, where ``when``
+    holds: SQL over NEW and the sequence named like the trigger, which the test may
+    use to count starts."""
+    from sqlalchemy import create_engine, text
+
+    name = f"captrain_flaky_{job_id}"
+    admin = create_engine(url)
+    with admin.begin() as conn:
+        conn.execute(text(f"CREATE SEQUENCE {name}"))
+        conn.execute(text(f"""
+            CREATE FUNCTION {name}() RETURNS trigger AS $$ BEGIN
+              IF NEW.job_id = {job_id} AND NEW.status = 'running' AND ({when}) THEN
+                RAISE EXCEPTION 'injected' USING ERRCODE = 'serialization_failure';
+              END IF;
+              RETURN NEW;
+            END $$ LANGUAGE plpgsql"""))
+        conn.execute(text(f"CREATE TRIGGER {name} BEFORE UPDATE ON shards FOR EACH ROW "
+                          f"EXECUTE FUNCTION {name}()"))
+    try:
+        yield
+    finally:
+        with admin.begin() as conn:
+            conn.execute(text(f"DROP TRIGGER {name} ON shards"))
+            conn.execute(text(f"DROP FUNCTION {name}()"))
+            conn.execute(text(f"DROP SEQUENCE {name}"))
+        admin.dispose()
+
+
 @ON_POSTGRES
 def test_a_shard_failing_transiently_retries_up_to_the_setting_then_fails_its_job(
         backend, start_worker):
     """More retries than Celery's own default of 3: each one, then the job fails with
     the reason (not left running by a task that Celery ended first)."""
-    from sqlalchemy import create_engine, text
-
     job_id = _generate("flaky-db", 50, 50)
-    admin = create_engine(backend["CAPTRAIN_DATABASE_URL"])
-    with admin.begin() as conn:  # every start of this job's shard: a serialization failure
-        conn.execute(text(f"""
-            CREATE FUNCTION captrain_flaky_{job_id}() RETURNS trigger AS $$ BEGIN
-              IF NEW.job_id = {job_id} AND NEW.status = 'running' THEN
-                RAISE EXCEPTION 'injected' USING ERRCODE = 'serialization_failure';
-              END IF;
-              RETURN NEW;
-            END $$ LANGUAGE plpgsql"""))
-        conn.execute(text(f"CREATE TRIGGER flaky_{job_id} BEFORE UPDATE ON shards FOR EACH "
-                          f"ROW EXECUTE FUNCTION captrain_flaky_{job_id}()"))
-    try:
+    with _failing_starts(backend["CAPTRAIN_DATABASE_URL"], job_id):  # every start
         worker = start_worker({**backend, "CAPTRAIN_TASK_MAX_RETRIES": "4"}, queues="cpu",
                               concurrency=1)
         wait_for(lambda: _ok(["job", str(job_id)])["status"] == "failed", 90,
                  what="the job failed after its retries")
-    finally:
-        with admin.begin() as conn:
-            conn.execute(text(f"DROP TRIGGER flaky_{job_id} ON shards"))
-            conn.execute(text(f"DROP FUNCTION captrain_flaky_{job_id}()"))
-        admin.dispose()
     error = _ok(["job", str(job_id)])["error"]
     retries = worker.log.read_text().count("Retry in")
     shards = len(_shards(job_id))  # one per split
@@ -236,23 +251,9 @@ def test_a_shard_failing_transiently_retries_up_to_the_setting_then_fails_its_jo
 def test_a_retried_shard_that_dies_with_its_worker_counts_an_attempt(backend, start_worker):
     """The first delivery of a Celery retry is not a new attempt, but its redelivery
     after the worker died is: a poison message cannot loop uncounted once retried."""
-    from sqlalchemy import create_engine, text
-
     job_id = _generate("retried-kill", 1000, 1000)  # shard 0: the 800 training images
-    admin = create_engine(backend["CAPTRAIN_DATABASE_URL"])
-    with admin.begin() as conn:  # shard 0's first start only: a serialization failure
-        conn.execute(text(f"CREATE SEQUENCE captrain_once_{job_id}"))
-        conn.execute(text(f"""
-            CREATE FUNCTION captrain_once_{job_id}() RETURNS trigger AS $$ BEGIN
-              IF NEW.job_id = {job_id} AND NEW."index" = 0 AND NEW.status = 'running'
-                 AND nextval('captrain_once_{job_id}') = 1 THEN
-                RAISE EXCEPTION 'injected' USING ERRCODE = 'serialization_failure';
-              END IF;
-              RETURN NEW;
-            END $$ LANGUAGE plpgsql"""))
-        conn.execute(text(f"CREATE TRIGGER once_{job_id} BEFORE UPDATE ON shards FOR EACH "
-                          f"ROW EXECUTE FUNCTION captrain_once_{job_id}()"))
-    try:
+    once = f"NEW.\"index\" = 0 AND nextval('captrain_flaky_{job_id}') = 1"  # first start
+    with _failing_starts(backend["CAPTRAIN_DATABASE_URL"], job_id, once):
         worker = start_worker(backend, queues="cpu", concurrency=1)
         # The retry's delivery renders shard 0: kill it there.
         wait_for(lambda: _shards(job_id)[0].status == RUNNING, 120, interval=0.02,
@@ -261,12 +262,6 @@ def test_a_retried_shard_that_dies_with_its_worker_counts_an_attempt(backend, st
             os.kill(child, signal.SIGKILL)
         wait_for(lambda: all(sh.status == "done" for sh in _shards(job_id)), 180,
                  what="all shards done")
-    finally:
-        with admin.begin() as conn:
-            conn.execute(text(f"DROP TRIGGER once_{job_id} ON shards"))
-            conn.execute(text(f"DROP FUNCTION captrain_once_{job_id}()"))
-            conn.execute(text(f"DROP SEQUENCE captrain_once_{job_id}"))
-        admin.dispose()
     log = worker.log.read_text()
     attempts = _shards(job_id)[0].attempts
     print(f"\nshard 0: retried ({log.count('Retry in')}), killed in its retry, "

@@ -56,8 +56,9 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
            model="multihead", epochs=10, lr=3e-3, batch_size=64, augment="none",
            scale=0.5),
     # 4 of 36 characters: CTC over a bidirectional GRU, as captcha_break's 99.57%,
-    # at 120x45 so that letters keep their strokes. Not measured yet: about 16 hours
-    # on a 2-core CPU, meant for a GPU.
+    # at 120x45 so that letters keep their strokes. Not measured in full: about 10
+    # hours on a 2-core CPU, meant for a GPU. Shortened to 40k images and 8 epochs it
+    # read 0.944 of plain-package captchas, short of data (BENCHMARKS.md).
     Preset("digits-upper4", 0.996, count=300_000, length=4, charset="digits-upper",
            model="crnn", epochs=30, lr=2e-3, batch_size=128, augment="light",
            scale=0.75),

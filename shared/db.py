@@ -125,7 +125,13 @@ def session_scope(settings: Settings | None = None) -> Iterator[Session]:
             raise DatabaseUnavailable(f"database connection failed: {exc.orig}") from exc
         raise
     except BaseException:
-        session.rollback()
+        try:
+            session.rollback()
+        except Exception:
+            # Interrupted inside a query (a soft time limit is a signal): the
+            # connection is mid-command and cannot roll back. Drop it, and let the
+            # interruption leave as itself, not as this rollback's error.
+            session.invalidate()
         raise
     finally:
         session.close()

@@ -517,7 +517,8 @@ def reconcile_cmd(
             _emit(sent, True)
         else:
             console.print(f"re-sent {sent['shards']} shard tasks, {sent['runs']} runs and "
-                          f"{sent['analyses']} analyses")
+                          f"{sent['analyses']} analyses; left {sent['held']} that live "
+                          "workers hold")
         if every is None:
             return
         time.sleep(every)
@@ -604,12 +605,12 @@ def workers(
     from kombu.exceptions import OperationalError as KombuOperationalError
     from redis.exceptions import RedisError
 
-    from shared.celery_app import app as celery_app
+    from scheduler.submit import inspector
 
-    insp = celery_app.control.inspect(timeout=timeout)
     try:
-        queues = insp.active_queues() or {}
-        active = insp.active() or {}
+        with inspector(timeout) as insp:
+            queues = insp.active_queues() or {}
+            active = insp.active() or {}
     except (KombuOperationalError, RedisError, OSError) as exc:
         raise ConfigError(f"broker unreachable: {exc}") from exc
     rows = [

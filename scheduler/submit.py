@@ -6,7 +6,8 @@ recorded in SQL and ``captrain reconcile`` sends its messages later.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from celery import group
@@ -79,13 +80,42 @@ def enqueue_analysis(kind: str, job_id: int) -> None:
                                 argsrepr=f"job {job_id} {kind}", kwargsrepr="{}"), job_id)
 
 
+@contextmanager
+def inspector(timeout: float) -> Iterator[Any]:
+    """Celery's ``inspect``, reading replies on a broker connection of its own that is
+    closed after the block. A pooled one would keep a pending BRPOP, and a process
+    forked later (a DataLoader worker) blocks on it for ever when kombu closes the
+    inherited pool after the fork."""
+    with app.connection_for_write() as conn:
+        yield app.control.inspect(timeout=timeout, connection=conn)
+
+
+def held_by_live_workers(timeout: float = 1.0) -> set[tuple[str, tuple[Any, ...]]]:
+    """(task name, args) of each task a live worker runs, holds reserved, or holds
+    for a retry's countdown: its message is not lost. A worker that does not answer
+    within ``timeout`` holds nothing. Raises BrokerUnavailable."""
+    try:
+        with inspector(timeout) as insp:
+            active, reserved, scheduled = insp.active(), insp.reserved(), insp.scheduled()
+    except (KombuOperationalError, RedisError, OSError) as exc:
+        raise BrokerUnavailable(f"broker unreachable ({exc})") from exc
+    requests = [t for reply in (active, reserved) for tasks in (reply or {}).values()
+                for t in tasks]
+    requests += [e["request"] for entries in (scheduled or {}).values() for e in entries]
+    return {(t["name"], tuple(t["args"])) for t in requests
+            if isinstance(t.get("args"), (list, tuple))}
+
+
 def reconcile() -> dict[str, int]:
     """Re-send the messages of every unfinished job, from what SQL holds.
 
     Safe to run at any time: tasks are idempotent, so a message that was not lost
-    only causes a no-op second run. Returns counts of re-sent shards, runs and
-    analyses (explore and report tasks). An explore or report job whose analysis is
-    stored already is complete: it is marked done, not run again.
+    only causes a no-op second run. What a live worker runs or holds now is not
+    re-sent (``held``): a copy would start beside it, and count an attempt against
+    the limit that stops poison messages. Returns counts of re-sent shards, runs and
+    analyses (explore and report tasks), and of held tasks left alone. An explore or
+    report job whose analysis is stored already is complete: it is marked done, not
+    run again. Raises BrokerUnavailable.
     """
     with session_scope() as s:
         jobs = s.execute(
@@ -108,18 +138,29 @@ def reconcile() -> dict[str, int]:
                     runs.append((run.id, job_id, int(spec.get("time_limit", 86400))))
             elif kind in ANALYSIS_TASKS:
                 analyses.append((job_id, kind))
-    sent = {"shards": 0, "runs": 0, "analyses": 0}
+    # After the SQL read: a task that starts in between is seen as held.
+    held = held_by_live_workers()
+    sent = {"shards": 0, "runs": 0, "analyses": 0, "held": 0}
     for job_id, (kind, idx) in shard_work.items():
         if not idx:
             # Every shard done but the job not marked: its last worker died between
             # the two commits.
             complete_if_done(job_id)
-        sent["shards"] += enqueue_shards(kind, job_id, idx)
+        lost = [i for i in idx if (SHARD_TASKS[kind], (job_id, i)) not in held]
+        sent["held"] += len(idx) - len(lost)
+        sent["shards"] += enqueue_shards(kind, job_id, lost)
     for run_id, job_id, limit in runs:
+        if (TRAIN, (run_id, job_id)) in held:
+            sent["held"] += 1
+            continue
         enqueue_train(run_id, job_id, limit)
         sent["runs"] += 1
     for job_id, kind in analyses:
-        if not complete_if_analysed(job_id):
-            enqueue_analysis(kind, job_id)
-            sent["analyses"] += 1
+        if complete_if_analysed(job_id):
+            continue
+        if (ANALYSIS_TASKS[kind], (job_id,)) in held:
+            sent["held"] += 1
+            continue
+        enqueue_analysis(kind, job_id)
+        sent["analyses"] += 1
     return sent

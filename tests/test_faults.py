@@ -130,6 +130,24 @@ def test_a_killed_worker_machine_is_recovered_by_reconcile(backend, start_worker
 
 
 @ON_POSTGRES
+def test_reconcile_leaves_alone_the_shards_live_workers_hold(backend, start_worker):
+    """A periodic reconcile must not copy a shard a live worker renders: the copy
+    would start beside it and count an attempt against the poison limit."""
+    start_worker(backend, queues="cpu", concurrency=2)
+    job_id = _generate("held", 3000, 3000)  # shards of 2,400, 300 and 300 images
+    wait_for(lambda: _shards(job_id)[0].status == RUNNING, 60, interval=0.05,
+             what="shard 0 rendering")
+    sent = _ok(["reconcile"])
+    wait_for(lambda: all(sh.status == "done" for sh in _shards(job_id)), 180,
+             what="all shards done")
+    time.sleep(1)  # any copy sent would have started by now
+    attempts = [sh.attempts for sh in _shards(job_id)]
+    print(f"\nreconcile while shards render: {sent}; attempts per shard {attempts}")
+    assert sent["held"] >= 1 and attempts == [1, 1, 1]
+    _check_complete(job_id, 3000, "reconcile while a live worker renders")
+
+
+@ON_POSTGRES
 def test_redis_flushed_mid_job_is_recovered_by_reconcile(backend, start_worker):
     start_worker(backend, queues="cpu", concurrency=1)
     job_id = _generate("flushed", 1000, 100)
@@ -594,6 +612,33 @@ def test_ten_thousand_small_tasks_are_drained_by_two_workers_with_none_lost(
     print(f"\n{n} tasks: sent in {sent_s:.1f}s, drained by 2 workers in {drain_s:.1f}s "
           f"({n / drain_s:.0f} tasks/s), lost {lost}")
     assert lost == 0
+
+
+@ON_POSTGRES
+def test_an_interrupt_inside_a_query_leaves_as_itself_and_the_next_session_works(backend):
+    """A soft time limit is a signal, and can land inside a query. It must leave the
+    session as itself (the train job then checkpoints and fails the run with "time
+    limit reached"), not as the error of rolling back on the interrupted connection;
+    and the pool must not hand that connection out again."""
+    from sqlalchemy import text
+
+    class Interrupted(Exception):
+        pass
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise Interrupted
+
+    before = signal.signal(signal.SIGALRM, interrupt)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.3)
+        with pytest.raises(Interrupted), session_scope() as s:
+            s.execute(text("SELECT pg_sleep(3)"))
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, before)
+    for _ in range(3):  # every pooled connection answers
+        with session_scope() as s:
+            assert s.execute(text("SELECT 1")).scalar_one() == 1
 
 
 @ON_POSTGRES

@@ -31,7 +31,7 @@ ROUTES = {
     TRAIN: {"queue": "gpu"},
 }
 
-app = Celery("captrain", include=["workers.tasks", "workers.analysis_tasks"])
+app = Celery("captrain", include=["workers.tasks"])
 app.config_from_object("shared.celery_config")
 app.conf.task_queues = [Queue(q, routing_key=q) for q in QUEUES]
 app.conf.task_routes = ROUTES

@@ -11,7 +11,10 @@ message on one line and exits non-zero, with no traceback.
     │                      (not an image, truncated, a decompression bomb, ...)
     ├── ArtifactError      a stored artifact is missing or fails its sha256 check
     ├── StateError         an operation that the current state forbids
-    │                      (training on a dataset that is not ready, ...)
+    │   │                  (training on a dataset that is not ready, ...)
+    │   ├── LeaseLost      another process took over a run this one trained
+    │   └── Cancelled      the user cancelled the job a task is working on
+    ├── StopRequested      a warm shutdown: training checkpointed and stops
     └── TransientError     a lost database or broker connection; tasks retry it
         ├── DatabaseUnavailable
         └── BrokerUnavailable
@@ -63,6 +66,21 @@ class StateError(CaptrainError):
     """The requested operation does not fit the current state of a record."""
 
     exit_code = 7
+
+
+class LeaseLost(StateError):
+    """Another process took over this run (this one was silent for too long)."""
+
+
+class Cancelled(StateError):
+    """The job was cancelled; the task stops at its next checkpoint or shard boundary."""
+
+
+class StopRequested(CaptrainError):
+    """Training was asked to stop between batches (a warm shutdown of its worker); a
+    checkpoint was saved first, and the message goes back to the queue."""
+
+    exit_code = 9
 
 
 class TransientError(CaptrainError):

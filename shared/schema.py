@@ -64,6 +64,11 @@ class Job(Base):
     # to what produced it.
     settings: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     error: Mapped[str | None] = mapped_column(Text, default=None)
+    # The dataset the job builds (generate, import, split) or reads (train, report).
+    # use_alter: datasets.layout_job_id points back here, and a cycle of foreign keys
+    # has no creation order without it.
+    dataset_id: Mapped[int | None] = mapped_column(
+        ForeignKey("datasets.id", use_alter=True), index=True, default=None)
     # Deliveries of the task of a job that is one task (explore, report), counted so
     # that a message that kills its worker each time ends failed; jobs made of shards
     # or a run count on those rows instead.

@@ -15,7 +15,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import platformdirs
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shared.errors import ConfigError
@@ -62,6 +62,33 @@ class Settings(BaseSettings):
     task_max_retries: int = Field(
         default=5, ge=0, le=100, description="Retries of a task on a transient error (count)."
     )
+    max_attempts: int = Field(
+        default=5, ge=1, le=100,
+        description="Deliveries of a shard, run or one-task job whose worker died, before "
+        "it is marked failed as poison (count).",
+    )
+    lease_stale_seconds: int = Field(
+        default=180, ge=10,
+        description="Seconds without a heartbeat after which a run's lease may be taken "
+        "over by another delivery.",
+    )
+    heartbeat_seconds: int = Field(
+        default=20, ge=1,
+        description="Seconds between a training run's lease renewals; keep it well "
+        "below LEASE_STALE_SECONDS.",
+    )
+    train_cache_mib: int = Field(
+        default=192, ge=0,
+        description="Decoded train-split shards a run keeps in memory, MiB (256 holds "
+        "80k images at 80x30); 0 re-decodes every epoch.",
+    )
+    val_cache_mib: int = Field(
+        default=64, ge=0, description="Decoded val-split shards a run keeps in memory, MiB."
+    )
+    progress_interval: float = Field(
+        default=0.5, gt=0,
+        description="Least seconds between two progress events of one shard task.",
+    )
     log_level: str = Field(default="INFO", description="Worker log level (DEBUG, INFO, ...).")
     flower_basic_auth: str | None = Field(
         default=None,
@@ -99,6 +126,13 @@ class Settings(BaseSettings):
         if v not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
             raise ValueError("must be DEBUG, INFO, WARNING, ERROR or CRITICAL")
         return v
+
+    @model_validator(mode="after")
+    def _heartbeat_below_stale(self) -> Settings:
+        if self.heartbeat_seconds * 2 > self.lease_stale_seconds:
+            raise ValueError("heartbeat_seconds must be at most half of lease_stale_seconds, "
+                             "or a live run's lease would be taken over")
+        return self
 
     @property
     def embedded_broker(self) -> bool:
@@ -171,8 +205,10 @@ def load_settings() -> Settings:
         return Settings()
     except ValidationError as exc:
         err = exc.errors()[0]
-        field = PREFIX + str(err["loc"][0]).upper() if err["loc"] else PREFIX
-        raise ConfigError(f"invalid {field}: {err['msg']}") from exc
+        msg = err["msg"].removeprefix("Value error, ")
+        if not err["loc"]:  # a rule across fields
+            raise ConfigError(f"invalid settings: {msg}") from exc
+        raise ConfigError(f"invalid {PREFIX}{str(err['loc'][0]).upper()}: {msg}") from exc
 
 
 @lru_cache(maxsize=1)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import string
-from typing import Annotated, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -160,8 +160,13 @@ class SplitSpec(_Spec):
     source_job_id: int | None = None
 
 
-MODELS = ("multihead", "cnn", "lenet", "crnn", "logreg", "mlp")
+# Model names, defined once: the fixed-length image models, the CTC ones and the
+# tabular ones. shared.kinds says which of them each dataset kind takes.
+FIXED_MODELS = ("multihead", "cnn", "lenet")
+CTC_MODELS = ("crnn",)
+IMAGE_MODELS = FIXED_MODELS + CTC_MODELS
 TABULAR_MODELS = ("logreg", "mlp")
+ModelName = Literal["multihead", "cnn", "lenet", "crnn", "logreg", "mlp"]
 
 # The smallest model input (height, width) each image model takes, px: multihead, cnn
 # and crnn halve the height four times (crnn the width twice), lenet pools twice
@@ -170,18 +175,9 @@ MIN_INPUT = {"multihead": (16, 16), "cnn": (16, 16), "lenet": (12, 12), "crnn": 
 CRNN_COLUMNS_PER_STEP = 4  # an image crnn gives one CTC time step per 4 input columns
 
 
-def image_input_size(kind: str, height: int, width: int, scale: float | None
-                     ) -> tuple[int, int]:
-    """The model input (height, width) for a dataset of ``kind`` with images of
-    ``width`` x ``height``: scaled by ``scale``, by default 0.5 for captchas and 1 for
-    28x28 digits."""
-    factor = scale or (1.0 if kind == "mnist" else 0.5)
-    return max(8, round(height * factor)), max(8, round(width * factor))
-
-
 class TrainSpec(_Spec):
     dataset: Name
-    model: Literal["multihead", "cnn", "lenet", "crnn", "logreg", "mlp"] = "multihead"
+    model: ModelName = "multihead"
     epochs: int = Field(6, ge=1, le=10_000)
     batch_size: int = Field(64, ge=1, le=8192)
     lr: float = Field(3e-3, gt=0, le=10)
@@ -203,6 +199,32 @@ class TrainSpec(_Spec):
     compile: bool = False  # torch.compile the model (minutes of compiling first)
     # The accuracy preset these values came from (scheduler/presets.py), for the record.
     preset: Name | None = None
+
+
+class ExploreSpec(_Spec):
+    """Statistics and plots of a built-in dataset (``captrain explore``)."""
+
+    dataset: Name  # one that shared.kinds marks explorable
+
+
+REPORT_LIMIT_MAX = 100_000
+
+
+class ReportSpec(_Spec):
+    """A report on a finished run (``captrain report``)."""
+
+    run: int = Field(ge=1)
+    # Names the job in `captrain jobs`, as it does for training; filled in by planning.
+    dataset: Name | None = None
+    # Test items read, at most: a report is a look, not a re-evaluation of a
+    # million-item test split.
+    limit: int = Field(1000, ge=1, le=REPORT_LIMIT_MAX, description="test items")
+
+
+def default(spec: type[BaseModel], field: str) -> Any:
+    """The default of ``spec``'s ``field``: what a CLI option shows and falls back to."""
+    info = spec.model_fields[field]
+    return info.get_default(call_default_factory=True)
 
 
 def validate(cls: type[S], **values: object) -> S:

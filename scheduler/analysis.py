@@ -15,20 +15,15 @@ from typing import Any
 from rich.console import Console
 from sqlalchemy import select
 
-from scheduler.submit import enqueue_analysis
 from shared.artifacts import read_verified
 from shared.db import session_scope
 from shared.errors import CaptrainError, InputError, NotFound, SpecError, StateError
-from shared.records import finished_run
+from shared.kinds import EXPLORABLE, kind_of
+from shared.lookup import finished_run
 from shared.schema import DONE, Analysis, Job, Model
 from shared.settings import get_settings
-
-# What `captrain explore` can explore. The worker checks the same list
-# (workers.explore.DATASETS); the scheduler does not import worker code.
-EXPLORE_DATASETS = ("iris",)
-# Test items a report reads by default, and at most: a report is a look, not a
-# re-evaluation of a million-item test split.
-REPORT_LIMIT, REPORT_LIMIT_MAX = 1000, 100_000
+from shared.spec import REPORT_LIMIT_MAX, ExploreSpec, ReportSpec, default, validate
+from shared.state import get_job
 
 
 @dataclass
@@ -57,9 +52,10 @@ def check_out_dir(out: Path | None) -> None:
         raise InputError(f"{probe} is not a directory; --out needs a folder")
 
 
-def _record_job(kind: str, spec: dict[str, Any]) -> int:
+def _record_job(kind: str, spec: dict[str, Any], dataset_id: int | None = None) -> int:
     with session_scope() as s:
-        job = Job(kind=kind, spec=spec, settings=get_settings().redacted())
+        job = Job(kind=kind, spec=spec, settings=get_settings().redacted(),
+                  dataset_id=dataset_id)
         s.add(job)
         s.flush()
         return job.id
@@ -70,36 +66,33 @@ def plan_explore(dataset: str) -> int:
 
     Raises SpecError for a dataset explore does not know (nothing is written).
     """
-    if dataset not in EXPLORE_DATASETS:
-        raise SpecError(f"explore knows the dataset 'iris' only, not {dataset!r}")
-    return _record_job("explore", {"dataset": dataset})
+    if dataset not in EXPLORABLE:
+        raise SpecError(f"explore knows the dataset {' or '.join(map(repr, EXPLORABLE))} "
+                        f"only, not {dataset!r}")
+    return _record_job("explore", validate(ExploreSpec, dataset=dataset).model_dump())
 
 
-def plan_report(run_id: int, limit: int = REPORT_LIMIT) -> int:
+def plan_report(run_id: int, limit: int = default(ReportSpec, "limit")) -> int:
     """Write a report job for run ``run_id``, reading up to ``limit`` test items.
 
     Returns the job id. Raises SpecError for a bad limit, NotFound for an unknown run,
-    StateError for a run that has not finished, has no stored model or is a tabular
-    (Iris) run; in each case nothing is written.
+    StateError for a run that has not finished, has no stored model or is on a kind
+    of dataset a report cannot show (Iris); in each case nothing is written.
     """
     if not 1 <= limit <= REPORT_LIMIT_MAX:
         raise SpecError(f"--limit must be between 1 and {REPORT_LIMIT_MAX}, not {limit}")
+    spec = validate(ReportSpec, run=run_id, limit=limit)
     with session_scope() as s:
         _, dataset = finished_run(s, run_id)
         if s.execute(select(Model.id).where(Model.run_id == run_id)).first() is None:
             raise StateError(f"run {run_id} has no stored model")
-        if dataset.kind == "iris":
+        if not kind_of(dataset.kind).reportable:
             # A tabular model has no test items to show and no characters to confuse.
             raise StateError(f"run {run_id} classifies Iris rows; a report shows runs on "
                              f"images or audio (see `captrain run {run_id}`)")
-        name = dataset.name
-    # "dataset" names the job in `captrain jobs`, as it does for training.
-    return _record_job("report", {"run": run_id, "dataset": name, "limit": limit})
-
-
-def enqueue(kind: str, job_id: int) -> None:
-    """Send the explore or report task of ``job_id``. Raises BrokerUnavailable."""
-    enqueue_analysis(kind, job_id)
+        name, dataset_id = dataset.name, dataset.id
+    spec = spec.model_copy(update={"dataset": name})
+    return _record_job("report", spec.model_dump(), dataset_id)
 
 
 def wait(job_id: int, console: Console, quiet: bool = False) -> None:
@@ -110,18 +103,14 @@ def wait(job_id: int, console: Console, quiet: bool = False) -> None:
     from scheduler import watch
 
     with session_scope() as s:
-        job = s.get(Job, job_id)
-        if job is None:
-            raise NotFound(f"no job {job_id}")
-        kind = job.kind
+        kind = get_job(s, job_id).kind
     # The job has no shards to count, so a spinner says more than a 0/0 bar.
     spinner = console.status(f"job {job_id} {kind}: waiting for a cpu worker to finish it")
     with nullcontext() if quiet else spinner:
         final = watch.wait(job_id, console, quiet=True)
     if final != DONE:
         with session_scope() as s:
-            job = s.get(Job, job_id)
-            error = job.error if job is not None else None
+            error = get_job(s, job_id).error
         raise CaptrainError(f"{kind} job {job_id} {final}" + (f": {error}" if error else ""))
 
 

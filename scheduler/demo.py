@@ -3,7 +3,8 @@
 Starts the embedded Redis (unless a broker is configured), two local workers (cpu
 and gpu queues), generates 4-digit captchas, trains, evaluates, and reads captchas
 freshly drawn by the plain ``captcha`` package. The workers are stopped on exit and
-on Ctrl-C.
+on Ctrl-C, and so is the embedded Redis if the demo started it (one that was already
+running is left as it was found).
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from __future__ import annotations
 import os
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -20,7 +23,7 @@ from rich.table import Table
 from scheduler import status, watch
 from scheduler.plan import plan_generate, plan_train
 from scheduler.procs import start_worker, stop_worker
-from scheduler.submit import enqueue_shards, enqueue_train
+from scheduler.submit import send_job
 from shared.errors import CaptrainError, StateError
 from shared.settings import get_settings
 from shared.spec import GenerateSpec, TrainSpec, validate
@@ -34,57 +37,13 @@ QUICK = {"count": 1_500, "shard_size": 250, "epochs": 2}
 def run_demo(console: Console, quick: bool = False, count: int | None = None,
              epochs: int | None = None) -> dict[str, object]:
     """Run the demo; return its summary. Raises CaptrainError if a step fails."""
-    from shared import embedded
-
     size = dict(QUICK if quick else FULL)
     size["count"] = count or size["count"]
     size["epochs"] = epochs or size["epochs"]
-    settings = get_settings()
     t0 = time.monotonic()
-    if settings.embedded_broker:
-        embedded.start(settings)
-        console.print(f"embedded Redis at {settings.redis_socket}")
-    console.print(f"database {settings.redacted()['effective_database_url']}")
-    logs = settings.home / "logs"
-    tag = f"{os.getpid()}"
-    cpus = os.cpu_count() or 2
-    procs = [
-        start_worker("cpu", cpus, f"demo-cpu-{tag}@%h", logs / "demo-cpu.log", "WARNING"),
-        start_worker("gpu", 1, f"demo-gpu-{tag}@%h", logs / "demo-gpu.log", "WARNING"),
-    ]
-    console.print(f"started workers (cpu x{cpus}, gpu x1); logs in {logs}")
-    try:
-        name = "demo-" + datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
-        gspec = validate(GenerateSpec, name=name, count=size["count"], length=4,
-                         charset="digits", shard_size=min(size["shard_size"], size["count"]),
-                         seed=int(time.time()) % 100_000)
-        job_id, indices = plan_generate(gspec)
-        enqueue_shards("generate", job_id, indices)
-        console.print(f"[bold]1/3[/bold] generating {gspec.count} captchas as {name}")
-        if watch.wait(job_id, console) != "done":
-            raise StateError(f"generation failed: {status.job_detail(job_id)['error']}")
-
-        tspec = validate(TrainSpec, dataset=name, epochs=size["epochs"])
-        run_id, train_job = plan_train(tspec)
-        enqueue_train(run_id, train_job, tspec.time_limit)
-        console.print(f"[bold]2/3[/bold] training run {run_id} for {tspec.epochs} epochs")
-        if watch.wait(train_job, console) != "done":
-            raise StateError(f"training failed: {status.job_detail(train_job)['error']}")
-        detail = status.run_detail(run_id)
-
-        console.print("[bold]3/3[/bold] reading fresh captchas from the plain captcha package")
-        table, hits = _predict_fresh(run_id)
-        console.print(table)
-    finally:
-        for p in procs:
-            stop_worker(p)
-    test = detail["test"] or {}
-    summary = {
-        "dataset": name, "run": run_id, "images": gspec.count, "epochs": tspec.epochs,
-        "test_images": test.get("count"), "test_char_acc": test.get("char_acc"),
-        "test_seq_acc": test.get("seq_acc"), "fresh_correct": hits,
-        "seconds": round(time.monotonic() - t0, 1),
-    }
+    with _local_services(console):
+        summary = _steps(console, size["count"], size["shard_size"], size["epochs"])
+    summary["seconds"] = round(time.monotonic() - t0, 1)
     out = Table("summary", "value")
     for k, v in summary.items():
         out.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
@@ -92,6 +51,70 @@ def run_demo(console: Console, quick: bool = False, count: int | None = None,
     console.print(f"whole-sequence test accuracy: [bold]{summary['test_seq_acc']:.4f}[/bold]"
                   f" (the captcha notes reached 0.84)")
     return summary
+
+
+@contextmanager
+def _local_services(console: Console) -> Iterator[None]:
+    """The embedded Redis (unless a broker is configured) and two local workers, for
+    the length of the block.
+
+    The workers stop on exit and on Ctrl-C, and so does the Redis if it was started
+    here; one already running is left as it was found.
+    """
+    from shared import embedded
+
+    settings = get_settings()
+    started = settings.embedded_broker and embedded.start(settings)
+    if settings.embedded_broker:
+        console.print(f"embedded Redis at {settings.redis_socket}")
+    console.print(f"database {settings.redacted()['effective_database_url']}")
+    logs = settings.home / "logs"
+    tag = f"{os.getpid()}"
+    cpus = os.cpu_count() or 2
+    procs = []
+    try:
+        procs.append(start_worker("cpu", cpus, f"demo-cpu-{tag}@%h", logs / "demo-cpu.log",
+                                  "WARNING"))
+        procs.append(start_worker("gpu", 1, f"demo-gpu-{tag}@%h", logs / "demo-gpu.log",
+                                  "WARNING"))
+        console.print(f"started workers (cpu x{cpus}, gpu x1); logs in {logs}")
+        yield
+    finally:
+        for p in procs:
+            stop_worker(p)
+        # After the workers, which would otherwise keep reconnecting to it.
+        if started:
+            embedded.stop(settings)
+            console.print("embedded Redis stopped (the demo started it)")
+
+
+def _steps(console: Console, count: int, shard_size: int, epochs: int) -> dict[str, object]:
+    """Generate, train and read fresh captchas; return what the summary shows."""
+    name = "demo-" + datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+    gspec = validate(GenerateSpec, name=name, count=count, length=4, charset="digits",
+                     shard_size=min(shard_size, count), seed=int(time.time()) % 100_000)
+    job_id, _ = plan_generate(gspec)
+    send_job(job_id)
+    console.print(f"[bold]1/3[/bold] generating {gspec.count} captchas as {name}")
+    if watch.wait(job_id, console) != "done":
+        raise StateError(f"generation failed: {status.job_detail(job_id)['error']}")
+
+    tspec = validate(TrainSpec, dataset=name, epochs=epochs)
+    run_id, train_job = plan_train(tspec)
+    send_job(train_job)
+    console.print(f"[bold]2/3[/bold] training run {run_id} for {tspec.epochs} epochs")
+    if watch.wait(train_job, console) != "done":
+        raise StateError(f"training failed: {status.job_detail(train_job)['error']}")
+    test = status.run_detail(run_id)["test"] or {}
+
+    console.print("[bold]3/3[/bold] reading fresh captchas from the plain captcha package")
+    table, hits = _predict_fresh(run_id)
+    console.print(table)
+    return {
+        "dataset": name, "run": run_id, "images": gspec.count, "epochs": tspec.epochs,
+        "test_images": test.get("count"), "test_char_acc": test.get("char_acc"),
+        "test_seq_acc": test.get("seq_acc"), "fresh_correct": hits,
+    }
 
 
 def _predict_fresh(run_id: int, n: int = 8) -> tuple[Table, str]:

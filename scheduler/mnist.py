@@ -23,8 +23,9 @@ from shared.artifacts import put_bytes
 from shared.db import session_scope
 from shared.errors import InputError, SpecError
 from shared.idx import Idx, read_idx
-from shared.schema import DONE, READY, Dataset, Job, Shard, utcnow
+from shared.schema import Dataset, Job
 from shared.settings import get_settings
+from shared.state import record_done_import, stored_shard
 
 SIDE = 28
 STEMS = {
@@ -106,14 +107,16 @@ def plan_mnist(files: MnistFiles, folder: Path, name: str, shard_size: int,
             raise SpecError(f"a dataset named {name!r} already exists")
         spec = {"dir": str(folder.resolve()), "name": name, "format": "mnist-idx",
                 "shard_size": shard_size, "val_fraction": val_fraction}
-        job = Job(kind="import", spec=spec, settings=get_settings().redacted(), status=DONE)
+        job = Job(kind="import", spec=spec, settings=get_settings().redacted())
         s.add(job)
         s.flush()
-        ds = Dataset(name=name, kind="mnist", status=READY, charset="0123456789", length=1,
+        ds = Dataset(name=name, kind="mnist", charset="0123456789", length=1,
                      width=SIDE, height=SIDE, count=files.count, layout_job_id=job.id,
                      meta={"source": "idx"})
         s.add(ds)
         s.flush()
+        job.dataset_id = ds.id
+        record_done_import(job, ds, ready=True)
         index = 0
         for split, images, labels, first, count in parts:
             for start in range(0, count, shard_size):
@@ -124,11 +127,9 @@ def plan_mnist(files: MnistFiles, folder: Path, name: str, shard_size: int,
                 meta = {"split": split, "start": start, "kind": "mnist",
                         "charset": "0123456789", "length": 1, "width": SIDE, "height": SIDE}
                 sha = put_bytes(s, shardfmt.pack(items, meta), shardfmt.MEDIA_TYPE)
-                s.add(Shard(job_id=job.id, dataset_id=ds.id, index=index, split=split,
-                            start=start, count=n, seed=0, status=DONE, sha256=sha,
-                            finished_at=utcnow()))
+                s.add(stored_shard(job_id=job.id, dataset_id=ds.id, index=index,
+                                   split=split, start=start, count=n, seed=0, sha256=sha))
                 index += 1
                 if progress:
                     progress(n)
-        job.finished_at = utcnow()
         return job.id

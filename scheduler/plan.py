@@ -21,32 +21,23 @@ from shared.artifacts import put_bytes
 from shared.db import session_scope
 from shared.errors import InputError, NotFound, SpecError, StateError
 from shared.images import IMAGE_SUFFIXES, check_image
-from shared.schema import (
-    DONE,
-    PENDING,
-    READY,
-    SPLITS,
-    Dataset,
-    Job,
-    Run,
-    Shard,
-    utcnow,
-)
+from shared.kinds import KINDS, image_input_size, kind_of
+from shared.lookup import find_dataset
+from shared.schema import READY, SPLITS, Dataset, Job, Run, Shard
 from shared.settings import get_settings
 from shared.spec import (
     CRNN_COLUMNS_PER_STEP,
+    CTC_MODELS,
     MIN_INPUT,
-    TABULAR_MODELS,
     GenerateSpec,
     SplitSpec,
     TrainSpec,
     derive_seed,
-    image_input_size,
     resolve_charset,
 )
+from shared.state import IMPORTED, record_builtin, record_done_import, relayout, stored_shard
 
 AUDIO_SAMPLE_RATE = 8000  # captcha's AudioCaptcha writes 8 kHz clips
-IRIS = "iris"
 
 
 def _settings_record() -> dict[str, Any]:
@@ -59,13 +50,6 @@ def _split_shards(counts: dict[str, int], shard_size: int) -> Iterator[tuple[str
         n = counts[split]
         for start in range(0, n, shard_size):
             yield split, start, min(shard_size, n - start)
-
-
-def find_dataset(session: Session, name: str) -> Dataset:
-    ds = session.execute(select(Dataset).where(Dataset.name == name)).scalar_one_or_none()
-    if ds is None:
-        raise NotFound(f"no dataset named {name!r}")
-    return ds
 
 
 def _new_dataset(session: Session, **values: Any) -> Dataset:
@@ -96,6 +80,7 @@ def plan_generate(spec: GenerateSpec) -> tuple[int, list[int]]:
             height=0 if audio else spec.height, count=spec.count, layout_job_id=job.id,
             meta=meta,
         )
+        job.dataset_id = ds.id
         shards = [
             Shard(job_id=job.id, dataset_id=ds.id, index=i, split=split, start=start,
                   count=count, seed=derive_seed(spec.seed, i))
@@ -160,13 +145,15 @@ def plan_import(
         if s.execute(select(Dataset.id).where(Dataset.name == name)).first():
             raise SpecError(f"a dataset named {name!r} already exists")
         spec = {"dir": str(folder.resolve()), "name": name, "shard_size": shard_size}
-        job = Job(kind="import", spec=spec, settings=_settings_record(), status=DONE)
+        job = Job(kind="import", spec=spec, settings=_settings_record())
         s.add(job)
         s.flush()
         ds = _new_dataset(
-            s, name=name, kind="imported", status="imported", charset=plan.charset,
+            s, name=name, kind="imported", charset=plan.charset,
             length=plan.length, width=plan.width, height=plan.height, count=len(plan.files),
         )
+        job.dataset_id = ds.id
+        record_done_import(job, ds, ready=False)
         for index, start in enumerate(range(0, len(plan.files), shard_size)):
             chunk = plan.files[start : start + shard_size]
             items = [
@@ -177,12 +164,10 @@ def plan_import(
             meta = {"split": "source", "start": start,
                     "charset": plan.charset, "length": plan.length}
             sha = put_bytes(s, shardfmt.pack(items, meta), shardfmt.MEDIA_TYPE)
-            s.add(Shard(job_id=job.id, dataset_id=ds.id, index=index, split="source",
-                        start=start, count=len(items), seed=0, status=DONE, sha256=sha,
-                        finished_at=utcnow()))
+            s.add(stored_shard(job_id=job.id, dataset_id=ds.id, index=index, split="source",
+                               start=start, count=len(items), seed=0, sha256=sha))
             if progress:
                 progress(len(items))
-        job.finished_at = utcnow()
         return job.id
 
 
@@ -191,17 +176,16 @@ def plan_split(spec: SplitSpec) -> tuple[int, list[int]]:
     with session_scope() as s:
         ds = find_dataset(s, spec.dataset)
         source = s.execute(
-            select(Job).join(Shard, Shard.job_id == Job.id)
-            .where(Shard.dataset_id == ds.id, Job.kind == "import").limit(1)
+            select(Job).where(Job.dataset_id == ds.id, Job.kind == "import").limit(1)
         ).scalar_one_or_none()
         if source is None:
             raise StateError(f"dataset {ds.name} was not imported; only imports are re-split")
         counts = spec.split.counts(ds.count)
         body = spec.model_copy(update={"source_job_id": source.id}).model_dump()
-        job = Job(kind="split", spec=body, settings=_settings_record())
+        job = Job(kind="split", spec=body, settings=_settings_record(), dataset_id=ds.id)
         s.add(job)
         s.flush()
-        ds.status = PENDING
+        relayout(ds)
         shards = [
             Shard(job_id=job.id, dataset_id=ds.id, index=i, split=split, start=start,
                   count=count, seed=derive_seed(spec.seed, i))
@@ -214,27 +198,27 @@ def plan_split(spec: SplitSpec) -> tuple[int, list[int]]:
 def _builtin_dataset(session: Session, name: str) -> Dataset | None:
     """The datasets that ship with the code (Iris, from scikit-learn), registered on
     first use so that runs and models can point at a row."""
-    if name != IRIS:
+    kind = KINDS.get(name)
+    if kind is None or not kind.builtin:
         return None
-    return _new_dataset(session, name=IRIS, kind="iris", status=READY, charset="",
-                        length=1, width=4, height=0, count=150,
-                        meta={"source": "sklearn.datasets.load_iris"})
+    ds = _new_dataset(session, name=name, kind=name, charset="", length=1, width=4,
+                      height=0, count=150, meta={"source": "sklearn.datasets.load_iris"})
+    record_builtin(ds)
+    return ds
 
 
 def check_model_fits(ds: Dataset, model: str, scale: float | None = None) -> None:
     """Raise SpecError when ``model`` cannot learn dataset ``ds`` at ``scale``."""
-    if ds.kind == "iris" or model in TABULAR_MODELS:
-        if ds.kind != "iris" or model not in TABULAR_MODELS:
-            raise SpecError(f"model {model} does not fit dataset {ds.name} ({ds.kind}): "
-                            f"Iris takes {' or '.join(TABULAR_MODELS)}, images and audio "
-                            "take multihead, cnn, lenet or crnn")
-        return
+    kind = kind_of(ds.kind)
+    if model not in kind.models:
+        raise SpecError(f"model {model} does not fit dataset {ds.name} ({ds.kind}): "
+                        f"it takes {', '.join(kind.models)}")
     shortest = ds.meta.get("min_length") or ds.length
-    if shortest != ds.length and model != "crnn":
+    if shortest != ds.length and model not in CTC_MODELS:
         raise SpecError(f"dataset {ds.name} holds texts of {shortest} to {ds.length} "
                         f"characters; model {model} reads a fixed length: use --model crnn")
-    if ds.kind == "audio":
-        return  # a spectrogram of the clip's length: the train job sizes it
+    if not kind.images:
+        return  # audio: a spectrogram of the clip's length, which the train job sizes
     height, width = image_input_size(ds.kind, ds.height, ds.width, scale)
     min_height, min_width = MIN_INPUT[model]
     seen = f"dataset {ds.name}'s {ds.width}x{ds.height} images give {width}x{height} px"
@@ -242,14 +226,29 @@ def check_model_fits(ds: Dataset, model: str, scale: float | None = None) -> Non
         raise SpecError(f"model {model} needs an input of at least {min_width}x{min_height} "
                         f"px and {seen}: use a larger --scale or larger images")
     steps = width // CRNN_COLUMNS_PER_STEP
-    if model == "crnn" and steps < 2 * ds.length - 1:
+    if model in CTC_MODELS and steps < 2 * ds.length - 1:
         raise SpecError(f"crnn reads {ds.length} characters in {steps} time steps when "
                         f"{seen}; it needs {2 * ds.length - 1} (a blank between repeated "
                         "characters): use a larger --scale or wider images")
 
 
+def check_time_limit(spec: TrainSpec) -> None:
+    """Raise SpecError unless the spec's hard time limit stays below the broker's
+    visibility timeout: Redis redelivers an unacknowledged message after it, so a
+    task allowed to run longer would be delivered again while it runs."""
+    vt = get_settings().visibility_timeout
+    if spec.time_limit >= vt:
+        raise SpecError(f"time limit {spec.time_limit} s must stay below "
+                        f"CAPTRAIN_VISIBILITY_TIMEOUT ({vt} s)")
+
+
 def plan_train(spec: TrainSpec) -> tuple[int, int]:
-    """Write the train job and run rows. Returns (run id, job id)."""
+    """Write the train job and run rows. Returns (run id, job id).
+
+    Raises SpecError for a time limit the broker cannot honour or a model that does
+    not fit the dataset, NotFound, or StateError for a dataset that is not ready.
+    """
+    check_time_limit(spec)
     with session_scope() as s:
         try:
             ds = find_dataset(s, spec.dataset)
@@ -262,9 +261,10 @@ def plan_train(spec: TrainSpec) -> tuple[int, int]:
         if ds.status != READY:
             raise StateError(
                 f"dataset {ds.name} is {ds.status}, not ready"
-                + ("; run `captrain shard` first" if ds.status == "imported" else "")
+                + ("; run `captrain shard` first" if ds.status == IMPORTED else "")
             )
-        job = Job(kind="train", spec=spec.model_dump(), settings=_settings_record())
+        job = Job(kind="train", spec=spec.model_dump(), settings=_settings_record(),
+                  dataset_id=ds.id)
         s.add(job)
         s.flush()
         run = Run(job_id=job.id, dataset_id=ds.id, model=spec.model)

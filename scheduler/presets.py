@@ -48,17 +48,12 @@ class Preset:
 
 
 PRESETS: dict[str, Preset] = {p.name: p for p in (
-    # 4 digits at 160x60, read at 80x30 by the multi-head CNN: 0.9972 whole-sequence
-    # on 10,000 captchas from the plain captcha package, 36 minutes on a 2-core CPU
-    # from generation to result (BENCHMARKS.md). The demo's 32k images and 8 epochs
-    # reach 0.990.
+    # 4 digits at 160x60, read at 80x30 by the multi-head CNN (figures: BENCHMARKS.md).
     Preset("digits4", 0.995, count=100_000, length=4, charset="digits",
            model="multihead", epochs=10, lr=3e-3, batch_size=64, augment="none",
            scale=0.5),
-    # 4 of 36 characters: CTC over a bidirectional GRU, as captcha_break's 99.57%,
-    # at 120x45 so that letters keep their strokes. Not measured in full: about 10
-    # hours on a 2-core CPU, meant for a GPU. Shortened to 40k images and 8 epochs it
-    # read 0.944 of plain-package captchas, short of data (BENCHMARKS.md).
+    # 4 of 36 characters: CTC over a bidirectional GRU, as captcha_break's, at 120x45
+    # so that letters keep their strokes (figures: BENCHMARKS.md).
     Preset("digits-upper4", 0.996, count=300_000, length=4, charset="digits-upper",
            model="crnn", epochs=30, lr=2e-3, batch_size=128, augment="light",
            scale=0.75),

@@ -7,8 +7,8 @@ from typing import Any
 from sqlalchemy import func, select
 
 from shared.db import session_scope
-from shared.errors import NotFound
 from shared.schema import DONE, Dataset, Job, Metric, Model, Run, Shard
+from shared.state import get_job, get_run
 
 
 def _iso(value: Any) -> Any:
@@ -44,9 +44,7 @@ def list_jobs(limit: int = 50) -> list[dict[str, Any]]:
 def job_detail(job_id: int) -> dict[str, Any]:
     """The job with its shards (and its run, for a train job). Raises NotFound."""
     with session_scope() as s:
-        job = s.get(Job, job_id)
-        if job is None:
-            raise NotFound(f"no job {job_id}")
+        job = get_job(s, job_id)
         shards = [
             {"index": sh.index, "split": sh.split, "count": sh.count, "status": sh.status,
              "worker": sh.worker, "attempts": sh.attempts, "sha256": sh.sha256,
@@ -85,12 +83,10 @@ def list_runs(limit: int = 50) -> list[dict[str, Any]]:
 def run_detail(run_id: int) -> dict[str, Any]:
     """The run with its per-epoch metrics and its model. Raises NotFound."""
     with session_scope() as s:
-        run = s.get(Run, run_id)
-        if run is None:
-            raise NotFound(f"no run {run_id}")
-        job = s.get(Job, run.job_id)
+        run = get_run(s, run_id)
+        job = get_job(s, run.job_id)
         dataset = s.get(Dataset, run.dataset_id)
-        assert job is not None and dataset is not None
+        assert dataset is not None  # a foreign key
         epochs: dict[int, dict[str, Any]] = {}
         for m in s.execute(
             select(Metric).where(Metric.run_id == run_id).order_by(Metric.epoch)

@@ -6,8 +6,9 @@ recorded in SQL and ``captrain reconcile`` sends its messages later.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
 from celery import group
@@ -18,13 +19,56 @@ from sqlalchemy import select
 from shared.celery_app import EXPLORE, GENERATE_SHARD, REPORT, SPLIT_SHARD, TRAIN, app
 from shared.db import session_scope
 from shared.errors import BrokerUnavailable
-from shared.records import complete_if_analysed, complete_if_done
-from shared.schema import DONE, PENDING, RUNNING, Job, Run, Shard
+from shared.schema import PENDING, RUNNING, Job, Run, Shard
+from shared.spec import TrainSpec
+from shared.state import ENDED, complete_if_analysed, complete_if_done, get_job
 
 SHARD_TASKS = {"generate": GENERATE_SHARD, "split": SPLIT_SHARD}
 # Jobs that are one task, with no shard or run rows: the task's result is their
 # `analyses` row.
 ANALYSIS_TASKS = {"explore": EXPLORE, "report": REPORT}
+
+
+@dataclass
+class Work:
+    """What a job has left to do, as messages to send: read from SQL alone."""
+
+    job_id: int
+    kind: str
+    shards: list[int] = field(default_factory=list)  # unfinished shard indices
+    run_id: int | None = None  # an unfinished run
+    time_limit: int = 0  # the run's hard limit, seconds, from its stored spec
+    analysis: bool = False  # an explore or report task
+
+    def messages(self) -> list[tuple[str, tuple[Any, ...]]]:
+        """(task name, args) of each message that would do this work."""
+        if self.kind in SHARD_TASKS:
+            return [(SHARD_TASKS[self.kind], (self.job_id, i)) for i in self.shards]
+        if self.run_id is not None:
+            return [(TRAIN, (self.run_id, self.job_id))]
+        return [(ANALYSIS_TASKS[self.kind], (self.job_id,))] if self.analysis else []
+
+
+def outstanding(job_id: int) -> Work:
+    """The work job ``job_id`` has left, by its kind. Raises NotFound."""
+    with session_scope() as s:
+        job = get_job(s, job_id)
+        work = Work(job_id, job.kind)
+        if job.status in ENDED:
+            return work
+        if job.kind in SHARD_TASKS:
+            work.shards = list(s.execute(
+                select(Shard.index).where(Shard.job_id == job_id,
+                                          Shard.status.in_([PENDING, RUNNING]))
+                .order_by(Shard.index)).scalars())
+        elif job.kind == "train":
+            run = s.execute(select(Run).where(Run.job_id == job_id)).scalar_one()
+            if run.status not in ENDED:
+                work.run_id = run.id
+                work.time_limit = TrainSpec(**job.spec).time_limit
+        elif job.kind in ANALYSIS_TASKS:
+            work.analysis = True
+        return work
 
 
 def _send(fn: Any, job_id: int) -> None:
@@ -37,47 +81,35 @@ def _send(fn: Any, job_id: int) -> None:
         ) from exc
 
 
-def enqueue_shards(kind: str, job_id: int, indices: Iterable[int]) -> int:
-    """Send one shard task per index as a group. Returns how many were sent.
-
-    An explore or report job has no shards: its one task is sent instead, whatever
-    ``indices`` holds, so that ``captrain retry`` re-runs a reopened job of any kind
-    but train through here. Raises BrokerUnavailable.
-    """
-    if kind in ANALYSIS_TASKS:
-        enqueue_analysis(kind, job_id)
-        return 1
-    name = SHARD_TASKS[kind]
-    indices = list(indices)
+def _signature(name: str, args: tuple[Any, ...], time_limit: int) -> Any:
     # argsrepr is what Flower and `captrain workers` show instead of the bare ids.
-    sigs = [
-        app.signature(name, args=(job_id, i), immutable=True).set(
-            argsrepr=f"job {job_id} shard {i}", kwargsrepr="{}")
-        for i in indices
-    ]
-    if sigs:
-        _send(lambda: group(sigs).apply_async(), job_id)
+    label = {GENERATE_SHARD: "job {} shard {}", SPLIT_SHARD: "job {} shard {}",
+             TRAIN: "run {} (job {})"}.get(name, "job {} " + name.rpartition(".")[2])
+    options: dict[str, Any] = {"argsrepr": label.format(*args), "kwargsrepr": "{}"}
+    if name == TRAIN:
+        # The hard limit from the spec, and a soft limit a minute earlier: the task
+        # then fails cleanly, in Python, with its last epoch checkpoint kept.
+        options.update(time_limit=time_limit, soft_time_limit=max(5, time_limit - 60))
+    return app.signature(name, args=args, immutable=True).set(**options)
+
+
+def send(work: Work, skip: set[tuple[str, tuple[Any, ...]]] | None = None) -> int:
+    """Send the messages of ``work``, but those in ``skip``. Returns how many were
+    sent. Raises BrokerUnavailable (the job stays recorded in SQL)."""
+    sigs = [_signature(name, args, work.time_limit) for name, args in work.messages()
+            if (name, args) not in (skip or set())]
+    if len(sigs) == 1:
+        _send(sigs[0].apply_async, work.job_id)
+    elif sigs:
+        _send(lambda: group(sigs).apply_async(), work.job_id)
     return len(sigs)
 
 
-def enqueue_train(run_id: int, job_id: int, time_limit: int) -> None:
-    """Send the train task with its hard limit from the spec, and a soft limit a
-    minute earlier: the task then fails cleanly, in Python, with its last epoch
-    checkpoint kept, instead of being killed."""
-    soft = max(5, time_limit - 60)
-    _send(
-        lambda: app.send_task(
-            TRAIN, args=(run_id, job_id), time_limit=time_limit, soft_time_limit=soft,
-            argsrepr=f"run {run_id} (job {job_id})", kwargsrepr="{}",
-        ),
-        job_id,
-    )
-
-
-def enqueue_analysis(kind: str, job_id: int) -> None:
-    """Send the explore or report task of ``job_id``. Raises BrokerUnavailable."""
-    _send(lambda: app.send_task(ANALYSIS_TASKS[kind], args=(job_id,),
-                                argsrepr=f"job {job_id} {kind}", kwargsrepr="{}"), job_id)
+def send_job(job_id: int) -> int:
+    """Send every message that job ``job_id``'s unfinished work needs: the one door
+    through which submission, ``retry``, ``reconcile`` and ``demo`` send work. Returns
+    how many were sent. Raises NotFound or BrokerUnavailable."""
+    return send(outstanding(job_id))
 
 
 @contextmanager
@@ -118,49 +150,23 @@ def reconcile() -> dict[str, int]:
     run again. Raises BrokerUnavailable.
     """
     with session_scope() as s:
-        jobs = s.execute(
-            select(Job.id, Job.kind, Job.spec).where(Job.status.in_([PENDING, RUNNING]))
-        ).all()
-        shard_work: dict[int, tuple[str, list[int]]] = {}
-        runs: list[tuple[int, int, int]] = []
-        analyses: list[tuple[int, str]] = []
-        for job_id, kind, spec in jobs:
-            if kind in SHARD_TASKS:
-                idx = s.execute(
-                    select(Shard.index).where(
-                        Shard.job_id == job_id, Shard.status.in_([PENDING, RUNNING])
-                    )
-                ).scalars().all()
-                shard_work[job_id] = (kind, list(idx))
-            elif kind == "train":
-                run = s.execute(select(Run).where(Run.job_id == job_id)).scalar_one()
-                if run.status != DONE:
-                    runs.append((run.id, job_id, int(spec.get("time_limit", 86400))))
-            elif kind in ANALYSIS_TASKS:
-                analyses.append((job_id, kind))
+        ids = s.execute(select(Job.id).where(Job.status.in_([PENDING, RUNNING]))
+                        .order_by(Job.id)).scalars().all()
+    works = [outstanding(job_id) for job_id in ids]
     # After the SQL read: a task that starts in between is seen as held.
     held = held_by_live_workers()
     sent = {"shards": 0, "runs": 0, "analyses": 0, "held": 0}
-    for job_id, (kind, idx) in shard_work.items():
-        if not idx:
+    for work in works:
+        if work.kind in SHARD_TASKS and not work.shards:
             # Every shard done but the job not marked: its last worker died between
             # the two commits.
-            complete_if_done(job_id)
-        lost = [i for i in idx if (SHARD_TASKS[kind], (job_id, i)) not in held]
-        sent["held"] += len(idx) - len(lost)
-        sent["shards"] += enqueue_shards(kind, job_id, lost)
-    for run_id, job_id, limit in runs:
-        if (TRAIN, (run_id, job_id)) in held:
-            sent["held"] += 1
+            complete_if_done(work.job_id)
+        if work.analysis and complete_if_analysed(work.job_id):
             continue
-        enqueue_train(run_id, job_id, limit)
-        sent["runs"] += 1
-    for job_id, kind in analyses:
-        if complete_if_analysed(job_id):
-            continue
-        if (ANALYSIS_TASKS[kind], (job_id,)) in held:
-            sent["held"] += 1
-            continue
-        enqueue_analysis(kind, job_id)
-        sent["analyses"] += 1
+        wanted = work.messages()
+        n = send(work, skip=held)
+        sent["held"] += len(wanted) - n
+        counter = ("shards" if work.kind in SHARD_TASKS
+                   else "runs" if work.run_id is not None else "analyses")
+        sent[counter] += n
     return sent

@@ -22,17 +22,13 @@ from rich.progress import (
 from sqlalchemy import func, select
 
 from shared.db import session_scope
-from shared.errors import NotFound
-from shared.schema import CANCELLED, DONE, FAILED, Job, Metric, Run, Shard
-
-ENDED = (DONE, FAILED, CANCELLED)
+from shared.schema import DONE, Metric, Run, Shard
+from shared.state import ENDED, get_job
 
 
 def _poll(job_id: int) -> dict[str, Any]:
     with session_scope() as s:
-        job = s.get(Job, job_id)
-        if job is None:
-            raise NotFound(f"no job {job_id}")
+        job = get_job(s, job_id)
         state: dict[str, Any] = {"status": job.status, "kind": job.kind, "error": job.error}
         if job.kind == "train":
             run = s.execute(select(Run).where(Run.job_id == job_id)).scalar_one()

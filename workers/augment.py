@@ -28,13 +28,14 @@ from typing import Literal
 import torch
 from torchvision.transforms import v2
 
+from shared.kinds import CAPTCHA_FILL
+
 Preset = Literal["none", "light", "strong"]
 PRESETS: tuple[str, ...] = ("none", "light", "strong")
 # Captchas fill their width (the first glyph starts 1-2 px from the edge), so the
 # presets shift little sideways and hardly enlarge.
-# Pixels an affine or warp moves in from outside the image: the grey of a captcha's
-# background (ImageCaptcha paints it 238-255 per channel; about 240 once grey).
-FILL = 240
+# Pixels an affine or warp moves in from outside the image (shared.kinds).
+FILL = CAPTCHA_FILL
 # torchvision's v2 transforms draw one set of parameters per call, and each call
 # costs about 30-200 µs whatever its size (one thread, 30×80 px). Calling them per
 # image would cost as much as the training step on a CPU; per chunk of 8 images it
@@ -93,7 +94,7 @@ class Augment:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             # These are many small ops: with more than one intra-op thread they wait
-            # on each other (10-50x slower on a busy 2-core machine, measured).
+            # on each other.
             torch.set_num_threads(1)
             try:
                 return torch.cat([self._image(x[i : i + CHUNK])

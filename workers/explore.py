@@ -28,8 +28,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from shared.errors import SpecError
+from shared.kinds import EXPLORABLE
 
-DATASETS = ("iris",)
 PERCENTILES = (10, 25, 50, 75, 90)
 DDOF = 1  # sample statistics: divisor n-1
 STAT_COLUMNS = ("min", "max", "mean", "sample_sd", "sample_var",
@@ -48,8 +48,9 @@ class Exploration:
 
 def check_dataset(name: str) -> str:
     """Return ``name`` if it can be explored. Raises SpecError otherwise."""
-    if name not in DATASETS:
-        raise SpecError(f"explore knows the dataset 'iris' only, not {name!r}")
+    if name not in EXPLORABLE:
+        raise SpecError(f"explore knows the dataset {' or '.join(map(repr, EXPLORABLE))} "
+                        f"only, not {name!r}")
     return name
 
 

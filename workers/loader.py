@@ -1,179 +1,30 @@
-"""From shard artifacts to model-ready batches, and the transforms that training and
-prediction share (captcha images, digits, audio clips).
+"""From shard artifacts to model-ready batches (``ShardLoader``).
 
-Shards stream from the artifact store one at a time. Decoded shards are kept in a
-byte-bounded cache, so a dataset that fits is decoded once per run and a larger one
-is re-streamed each epoch with flat memory.
+Shards stream from the artifact store one at a time and decode through
+``workers.codecs``. Decoded shards are kept in a byte-bounded cache, so a dataset
+that fits is decoded once per run and a larger one is re-streamed each epoch with
+flat memory.
 """
 
 from __future__ import annotations
 
+import math
 import multiprocessing as mp
 import os
 import random
-import re
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from torchvision.transforms.v2 import functional as TF
 
-from shared.errors import ArtifactError, InputError
-from shared.images import load_rgb_bytes
-from shared.shardfmt import unpack
-from workers.audio import N_FFT, log_mel, read_wav
-from workers.augment import FILL, Augment
-from workers.models import PAD, ModelConfig
-
-
-def encode_label(label: str, charset: str, length: int, min_length: int = 0) -> list[int]:
-    """Map ``label`` to class indices, padded with PAD up to ``length``.
-
-    ``min_length`` 0 means the label must be exactly ``length`` long. Raises ValueError
-    for a wrong length or a character outside the charset.
-    """
-    shortest = min_length or length
-    if not shortest <= len(label) <= length:
-        want = f"{length}" if shortest == length else f"{shortest} to {length}"
-        raise ValueError(f"label {label!r} is not {want} characters long")
-    try:
-        return [charset.index(c) for c in label] + [PAD] * (length - len(label))
-    except ValueError as exc:
-        raise ValueError(f"label {label!r} has a character outside the charset") from exc
-
-
-def decode_label(indices: Sequence[int], charset: str) -> str:
-    return "".join(charset[i] for i in indices if i != PAD)
-
-
-# A binary 8-bit PGM header: "P5", width, height, maxval, one whitespace byte.
-_PGM_HEADER = re.compile(rb"P5\s+(\d+)\s+(\d+)\s+(\d+)\s")
-
-
-def to_grey(rgb: torch.Tensor) -> torch.Tensor:
-    """(3, H, W) uint8 RGB -> (1, H, W) uint8 grey, exactly as Pillow's ``convert("L")``:
-    ITU-R 601-2 luma in 16-bit fixed point, rounded.
-
-    Integer arithmetic gives the same bytes on every machine, and a grey image read
-    back as RGB keeps its values, so a captcha stored grey by the generator and the
-    same captcha read in colour give one model input.
-    """
-    r, g, b = rgb.to(torch.int32).unbind(-3)
-    return ((r * 19595 + g * 38470 + b * 7471 + 0x8000) >> 16).to(torch.uint8).unsqueeze(-3)
-
-
-def pil_grey(im: Image.Image) -> torch.Tensor:
-    """A Pillow image -> (1, H, W) uint8 grey: Pillow's luma of its RGB, the same
-    integers as :func:`to_grey`."""
-    if im.mode not in ("L", "RGB"):
-        im = im.convert("RGB")
-    return torch.from_numpy(np.asarray(im.convert("L"), dtype=np.uint8).copy())[None]
-
-
-def to_model_input(image: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
-    """(3, H, W) uint8 RGB or (1, H, W) grey of any size -> (1, h, w) uint8 grey at
-    the model's input size.
-
-    The one transform that both training and prediction apply to captcha images.
-    """
-    grey = to_grey(image) if image.shape[-3] == 3 else image
-    return TF.resize(grey, [cfg.in_height, cfg.in_width], antialias=True)
-
-
-def read_pgm(data: bytes, name: str = "image") -> torch.Tensor:
-    """Binary 8-bit PGM bytes (what the generator stores) -> (1, H, W) uint8.
-
-    Raises InputError for bytes that are not one, or hold too few or too many pixels.
-    """
-    m = _PGM_HEADER.match(data)
-    if m is None:
-        raise InputError(f"{name}: not a binary PGM image")
-    w, h, maxval = (int(v) for v in m.groups())
-    if maxval != 255:
-        raise InputError(f"{name}: PGM maxval {maxval}; only 8-bit (255) is read")
-    body = len(data) - m.end()
-    if w < 1 or h < 1 or body != w * h:
-        raise InputError(f"{name}: PGM of {w}x{h} holds {body} pixel bytes")
-    return torch.frombuffer(bytearray(data[m.end():]), dtype=torch.uint8).view(1, h, w)
-
-
-def wav_to_model_input(data: bytes, cfg: ModelConfig, name: str = "clip") -> torch.Tensor:
-    """WAV bytes -> (1, n_mels, frames) uint8 log-mel. Raises InputError."""
-    samples, rate = read_wav(data, name)
-    return log_mel(samples, rate, cfg.sample_rate, cfg.n_mels, cfg.hop, cfg.in_width,
-                   cfg.n_fft or N_FFT)
-
-
-def normalize(x: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
-    """uint8 (B, 1, h, w) -> float, normalized as the model expects."""
-    return (x.float() / 255.0 - cfg.mean) / cfg.std
-
-
-def decode_item(data: bytes, cfg: ModelConfig, ext: str = "png") -> torch.Tensor:
-    """One stored item (PGM/PNG/JPEG image or WAV clip, by ``ext``) -> (1, h, w)
-    uint8 model input.
-
-    Raises InputError for bytes that do not decode.
-    """
-    if cfg.modality == "audio":
-        return wav_to_model_input(data, cfg)
-    return to_model_input(_grey_item(data, ext), cfg)
-
-
-def _grey_item(data: bytes, ext: str) -> torch.Tensor:
-    """A stored image -> (1, H, W) uint8 grey at its own size.
-
-    PNG and JPEG decode exactly as prediction reads a user's file
-    (:func:`shared.images.load_rgb_bytes`: alpha on white, EXIF rotation, wide grey
-    stretched), so that an imported dataset trains on what ``predict`` will see.
-    """
-    if ext == "pgm":
-        return read_pgm(data)
-    return pil_grey(load_rgb_bytes(data))
-
-
-def _to_input_size(greys: list[torch.Tensor], cfg: ModelConfig) -> torch.Tensor:
-    """(1, H, W) greys of any sizes -> (N, 1, h, w), resized one batch per size: the
-    same pixels as one resize per image, at a fifth of the time for a shard."""
-    size = [cfg.in_height, cfg.in_width]
-    by_shape: dict[tuple[int, ...], list[int]] = {}
-    for i, g in enumerate(greys):
-        by_shape.setdefault(tuple(g.shape), []).append(i)
-    if len(by_shape) == 1:
-        return TF.resize(torch.stack(greys), size, antialias=True)
-    out = torch.empty(len(greys), 1, *size, dtype=torch.uint8)
-    for idx in by_shape.values():
-        out[idx] = TF.resize(torch.stack([greys[i] for i in idx]), size, antialias=True)
-    return out
-
-
-def decode_shard(data: bytes, cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """Decode a shard into (N, 1, h, w) uint8 inputs and (N, L) int64 labels.
-
-    Raises ArtifactError for a malformed shard, an undecodable item or a bad label.
-    """
-    _, items = unpack(data)
-    inputs, labels = [], []
-    for it in items:
-        try:
-            if cfg.modality == "audio":
-                inputs.append(wav_to_model_input(it.data, cfg))
-            else:
-                inputs.append(_grey_item(it.data, it.ext))  # resized together below
-            labels.append(encode_label(it.label, cfg.charset, cfg.length, cfg.min_length))
-        except (RuntimeError, ValueError, InputError) as exc:
-            raise ArtifactError(f"shard item {it.index} cannot be used: {exc}") from exc
-    if not inputs:
-        return (torch.empty(0, 1, cfg.in_height, cfg.in_width, dtype=torch.uint8),
-                torch.empty(0, cfg.length, dtype=torch.int64))
-    x = torch.stack(inputs) if cfg.modality == "audio" else _to_input_size(inputs, cfg)
-    return x, torch.tensor(labels, dtype=torch.int64)
+from shared.kinds import CAPTCHA_FILL
+from workers.augment import Augment
+from workers.codecs import decode_shard
+from workers.models import ModelConfig
 
 
 def loader_workers(want: int | None, device: torch.device) -> int:
@@ -251,7 +102,8 @@ class ShardLoader:
     are decoded and augmented in that many DataLoader processes, kept for the whole
     run (call ``close`` when done); the batches are the same as with 0.
     ``pin_memory`` puts each group in page-locked memory for non-blocking copies to
-    a CUDA device.
+    a CUDA device. ``fill`` is the grey augmentation moves in at the edges (the
+    dataset kind's, ``shared.kinds``).
     """
 
     shards: list[str]
@@ -265,13 +117,13 @@ class ShardLoader:
     augment: str = "none"
     workers: int = 0
     pin_memory: bool = False
+    fill: int = CAPTCHA_FILL
+    items: int = 0  # items in all ``shards``: sizes ``steps_per_epoch``
 
     def __post_init__(self) -> None:
         self._cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
         self._cached = 0
-        # MNIST-style inputs are white on black; captchas dark on a light background.
-        self._augment = Augment(self.augment, self.cfg.modality,
-                                fill=0 if self.cfg.preprocess == "mnist" else FILL)
+        self._augment = Augment(self.augment, self.cfg.modality, fill=self.fill)
         self._dl: DataLoader | None = None
         self._dl_epoch: torch.Tensor | None = None
 
@@ -299,6 +151,13 @@ class ShardLoader:
         if self.shuffle:
             random.Random(self._epoch_seed(epoch)).shuffle(order)
         return [order[g : g + self.mix] for g in range(0, len(order), self.mix)]
+
+    def steps_per_epoch(self) -> int:
+        """An upper bound of the batches one epoch yields: batches are cut within each
+        group of shards, so every group may end on a partial batch (this sizes a
+        learning-rate schedule, which must not run out of steps)."""
+        groups = math.ceil(len(self.shards) / self.mix)
+        return max(1, math.ceil(self.items / self.batch_size) + groups)
 
     def group(self, epoch: int, g: int, shas: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Group ``g`` of ``epoch`` decoded: (N, 1, h, w) uint8 inputs and (N, L) labels,

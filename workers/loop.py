@@ -1,24 +1,20 @@
 """The training loop, in the pytorch-examples shape.
 
 ``fit`` is a plain function: it gets loaders, a device, an optional checkpoint to
-resume from and an ``on_epoch`` callback that persists each epoch. A fresh start and
-a resume run through the same code; a resume only loads state first.
+resume from and ``Hooks`` that persist each epoch. A fresh start and a resume run
+through the same code; a resume only loads state first.
 
-On a CUDA device the loop also uses bf16 autocast, channels_last memory and
-``cudnn.benchmark``, and optionally ``torch.compile`` (``Speedups``); DataLoader
-workers and pinned memory belong to the loaders (``workers.data.ShardLoader``). Other
-devices run exactly the plain loop. Running metrics accumulate on the device, so a
-step never waits for the host.
+The loop turns on what ``workers.device.Speedups`` chooses for the device; DataLoader
+workers and pinned memory belong to the loaders (``workers.loader.ShardLoader``).
+Running metrics accumulate on the device, so a step never waits for the host.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import math
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from itertools import islice
 from typing import Any
 
@@ -26,61 +22,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from shared.errors import ConfigError
-from workers.data import normalize
+from shared.errors import StopRequested
+from workers.device import PLAIN, Speedups
 from workers.models import PAD, ModelConfig, build_model, decode, greedy
-from workers.shutdown import StopRequested
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Speedups:
-    """What the loop turns on beyond the plain path; recorded with each epoch's train
-    metrics (as 0/1) and in the worker's log."""
-
-    bf16: bool = False  # autocast to bfloat16 (CUDA): forward and loss
-    channels_last: bool = False  # NHWC memory for the model and its inputs
-    cudnn_benchmark: bool = False  # cuDNN picks the fastest kernels per input shape
-    compiled: bool = False  # torch.compile of the model
-
-    @classmethod
-    def for_device(cls, device: torch.device, compile: bool = False) -> Speedups:
-        """All of them on CUDA; on any other device only ``compile``, if asked."""
-        cuda = device.type == "cuda"
-        return cls(bf16=cuda, channels_last=cuda, cudnn_benchmark=cuda, compiled=compile)
-
-    def autocast(self, device: torch.device) -> contextlib.AbstractContextManager[Any]:
-        if self.bf16:
-            return torch.autocast(device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
-
-    def inputs(self, x: torch.Tensor, device: torch.device, cfg: ModelConfig) -> torch.Tensor:
-        """uint8 batch -> normalized float on ``device``: the copy moves bytes, not floats."""
-        x = normalize(x.to(device, non_blocking=True), cfg)
-        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
-
-    def metrics(self) -> dict[str, float]:
-        return {k: float(v) for k, v in asdict(self).items()}
-
-
-PLAIN = Speedups()
-
-
-def pick_device(want: str = "auto") -> torch.device:
-    """cuda, then mps, then cpu for ``auto``; raises ConfigError if ``want`` is absent."""
-    if want == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if want == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device cuda was asked for, but this worker has no CUDA GPU")
-    if want == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError("device mps was asked for, but this worker has no MPS device")
-    return torch.device(want)
 
 
 def _loss(logits: torch.Tensor, y: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
@@ -210,11 +157,89 @@ def evaluate(
     return out
 
 
+class Hooks:
+    """What :func:`fit` reports as it trains, and how it is told to stop. The base
+    does nothing: a bare loop. A train job's recorder persists each epoch."""
+
+    # Exceptions (a soft time limit) after which the position is checkpointed.
+    interrupts: tuple[type[BaseException], ...] = ()
+
+    def should_stop(self) -> bool:
+        """Checked between batches: True stops with StopRequested after a checkpoint."""
+        return False
+
+    def on_batch(self, n: int) -> None:
+        """After each batch of ``n`` samples, in training and evaluation."""
+
+    def on_epoch(self, epoch: int, train: dict[str, float], val: dict[str, Any],
+                 checkpoint: dict[str, Any]) -> None:
+        """After epoch ``epoch`` (from 1): its metrics and the checkpoint that resumes
+        after it."""
+
+    def on_interrupt(self, checkpoint: dict[str, Any]) -> None:
+        """Mid-epoch, before a stop or an interrupt leaves: the position reached."""
+
+
 @dataclass
 class FitResult:
     model: nn.Module
     test: dict[str, Any]
     resumed_from: int | None
+
+
+@dataclass
+class _State:
+    """The model, optimizer and schedule of a fit, and where it resumes."""
+
+    net: nn.Module  # holds the weights that checkpoints keep
+    model: nn.Module  # runs the steps: ``net``, or its compiled wrapper
+    opt: torch.optim.Optimizer
+    sched: Any
+    cfg: ModelConfig
+    start: int = 0
+    skip: int = 0  # batches of epoch ``start`` trained already
+
+    def checkpoint(self, epochs_done: int, batch: int) -> dict[str, Any]:
+        return {
+            "model": self.net.state_dict(),
+            "optimizer": self.opt.state_dict(),
+            "scheduler": self.sched.state_dict(),
+            "epoch": epochs_done,
+            "batch": batch,  # batches of the next epoch already trained
+            "rng": torch.get_rng_state(),
+            "config": self.cfg.to_dict(),
+        }
+
+
+def _prepare(cfg: ModelConfig, train: Any, epochs: int, lr: float, device: torch.device,
+             fast: Speedups, resume: dict[str, Any] | None) -> _State:
+    net = build_model(cfg).to(device)
+    if fast.channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    # A compiled module's state_dict keys carry a prefix: ``net`` keeps the weights.
+    model: nn.Module = torch.compile(net) if fast.compiled else net  # type: ignore[assignment]
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=lr, total_steps=epochs * train.steps_per_epoch(), pct_start=0.2)
+    state = _State(net, model, opt, sched, cfg)
+    if resume is not None:
+        net.load_state_dict(resume["model"])
+        opt.load_state_dict(resume["optimizer"])
+        sched.load_state_dict(resume["scheduler"])
+        torch.set_rng_state(resume["rng"])
+        state.start, state.skip = int(resume["epoch"]), int(resume.get("batch", 0))
+    return state
+
+
+def _batches(train: Any, epoch: int, done: list[int], hooks: Hooks) -> Iterator[Any]:
+    """The batches of ``epoch`` from ``done[0]`` on, counting each one trained."""
+    # Asking for batch k+1 means batch k is fully trained: count it, then check for a
+    # stop before starting the next one.
+    for item in islice(train.epoch(epoch), done[0], None):
+        if hooks.should_stop():
+            raise StopRequested(f"stopped at epoch {epoch + 1}, batch {done[0]}")
+        yield item
+        done[0] += 1
 
 
 def fit(
@@ -223,101 +248,54 @@ def fit(
     train: Any,
     val: Any,
     test: Any,
-    train_count: int,
     epochs: int,
-    batch_size: int,
     lr: float,
     seed: int,
     device: torch.device,
     resume: dict[str, Any] | None = None,
-    on_epoch: Callable[[int, dict[str, float], dict[str, float], dict[str, Any]], None],
-    on_batch: Callable[[int], None] | None = None,
-    should_stop: Callable[[], bool] | None = None,
-    on_interrupt: Callable[[dict[str, Any]], None] | None = None,
-    interrupts: tuple[type[BaseException], ...] = (),
+    hooks: Hooks | None = None,
     compile: bool = False,
 ) -> FitResult:
     """Train for ``epochs`` (from the checkpoint's position when resuming), then test.
 
     ``train``/``val``/``test`` have an ``epoch(e)`` method yielding batches in an
-    order fixed by (seed, epoch). ``on_epoch(epoch, train_metrics, val_metrics,
-    checkpoint)`` persists each epoch; the checkpoint is a plain dict that ``resume``
-    accepts back. When ``should_stop()`` turns true between batches, or one of
-    ``interrupts`` (a soft time limit) is raised mid-epoch, ``on_interrupt`` gets a
-    checkpoint of the position reached (epoch, batch) before the exception leaves;
-    StopRequested is raised for ``should_stop``.
+    order fixed by (seed, epoch); ``train`` also has ``steps_per_epoch()``, a bound
+    on its batches that sizes the one-cycle schedule. ``hooks`` persist each epoch
+    and say when to stop (:class:`Hooks`); the checkpoint they get is a plain dict
+    that ``resume`` accepts back. A stop (StopRequested) or one of
+    ``hooks.interrupts`` mid-epoch checkpoints the position (epoch, batch) first.
 
     On CUDA the ``Speedups`` are on; ``compile`` adds ``torch.compile`` on any device.
     Each epoch's train metrics also hold ``samples_per_s`` (samples trained per
     second of the epoch's training pass, data loading included), the speedups as
     0/1 and the train loader's ``loader_workers`` and ``pin_memory``.
     """
-
+    hooks = hooks or Hooks()
     torch.manual_seed(seed)
     fast = Speedups.for_device(device, compile)
     if fast.cudnn_benchmark:
         torch.backends.cudnn.benchmark = True
-    net = build_model(cfg).to(device)
-    if fast.channels_last:
-        net = net.to(memory_format=torch.channels_last)
-    # The compiled wrapper runs the steps; ``net`` holds the weights that checkpoints
-    # and the result keep (a compiled module's state_dict keys carry a prefix).
-    model: nn.Module = torch.compile(net) if compile else net  # type: ignore[assignment]
+    st = _prepare(cfg, train, epochs, lr, device, fast, resume)
     loader_info = {"loader_workers": float(getattr(train, "workers", 0)),
                    "pin_memory": float(getattr(train, "pin_memory", False))}
     log.info("training on %s: %s", device, ", ".join(
         f"{k} {'on' if v else 'off'}" if k != "loader_workers" else f"{k} {v:.0f}"
         for k, v in {**fast.metrics(), **loader_info}.items()))
-    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
-    # The loader batches within groups of shards, so each group may end on a partial
-    # batch: count one extra step per group, or OneCycleLR would run out of steps.
-    groups = math.ceil(len(getattr(train, "shards", [None])) / getattr(train, "mix", 1))
-    steps_per_epoch = max(1, math.ceil(train_count / batch_size) + groups)
-    sched = torch.optim.lr_scheduler.OneCycleLR(
-        opt, max_lr=lr, total_steps=epochs * steps_per_epoch, pct_start=0.2
-    )
-    start, skip = 0, 0
-    if resume is not None:
-        net.load_state_dict(resume["model"])
-        opt.load_state_dict(resume["optimizer"])
-        sched.load_state_dict(resume["scheduler"])
-        torch.set_rng_state(resume["rng"])
-        start, skip = int(resume["epoch"]), int(resume.get("batch", 0))
-
-    def checkpoint(epochs_done: int, batch: int) -> dict[str, Any]:
-        return {
-            "model": net.state_dict(),
-            "optimizer": opt.state_dict(),
-            "scheduler": sched.state_dict(),
-            "epoch": epochs_done,
-            "batch": batch,  # batches of the next epoch already trained
-            "rng": torch.get_rng_state(),
-            "config": cfg.to_dict(),
-        }
-
-    for epoch in range(start, epochs):
-        done = [skip if epoch == start else 0]
-
-        def batches(epoch: int = epoch, done: list[int] = done) -> Iterator[Any]:
-            # Asking for batch k+1 means batch k is fully trained: count it, then
-            # check for a stop before starting the next one.
-            for item in islice(train.epoch(epoch), done[0], None):
-                if should_stop is not None and should_stop():
-                    raise StopRequested(f"stopped at epoch {epoch + 1}, batch {done[0]}")
-                yield item
-                done[0] += 1
-
+    stops: tuple[type[BaseException], ...] = (StopRequested, *hooks.interrupts)
+    for epoch in range(st.start, epochs):
+        done = [st.skip if epoch == st.start else 0]
         try:
             t0 = time.perf_counter()
-            tr = train_one_epoch(model, batches(), opt, sched, device, cfg, on_batch, fast)
+            tr = train_one_epoch(st.model, _batches(train, epoch, done, hooks), st.opt,
+                                 st.sched, device, cfg, hooks.on_batch, fast)
             seconds = time.perf_counter() - t0
-        except BaseException as exc:
-            if on_interrupt is not None and isinstance(exc, (StopRequested, *interrupts)):
-                on_interrupt(checkpoint(epoch, done[0]))
+        except stops:
+            hooks.on_interrupt(st.checkpoint(epoch, done[0]))
             raise
         tr = {**tr, "samples_per_s": tr["samples"] / max(seconds, 1e-9),
               **fast.metrics(), **loader_info}
-        va = evaluate(model, val.epoch(0), device, cfg, on_batch, fast=fast)
-        on_epoch(epoch + 1, tr, va, checkpoint(epoch + 1, 0))
-    result = evaluate(model, test.epoch(0), device, cfg, on_batch, confusion=True, fast=fast)
-    return FitResult(model=net, test=result, resumed_from=start if resume else None)
+        va = evaluate(st.model, val.epoch(0), device, cfg, hooks.on_batch, fast=fast)
+        hooks.on_epoch(epoch + 1, tr, va, st.checkpoint(epoch + 1, 0))
+    result = evaluate(st.model, test.epoch(0), device, cfg, hooks.on_batch, confusion=True,
+                      fast=fast)
+    return FitResult(model=st.net, test=result, resumed_from=st.start if resume else None)

@@ -17,9 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-FIXED_ARCHS = ("multihead", "cnn", "lenet")
-CTC_ARCHS = ("crnn",)
-IMAGE_ARCHS = FIXED_ARCHS + CTC_ARCHS
+from shared.spec import CTC_MODELS
+
 PAD = -1  # label padding past a shorter text's end
 
 
@@ -57,11 +56,7 @@ class ModelConfig:
 
     @property
     def ctc(self) -> bool:
-        return self.arch in CTC_ARCHS
-
-    @property
-    def shortest(self) -> int:
-        return self.min_length or self.length
+        return self.arch in CTC_MODELS
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -149,9 +144,7 @@ class CRNN(nn.Module):
     The ``1d`` trunk (audio) treats a spectrogram's mel bands as the channels of one
     frame and convolves along time only. A spoken digit is a pattern across all
     bands at once, so nothing is lost, and the activations are a fraction of the 2d
-    trunk's: on 4-digit audio captchas it trained about 2.5x faster per sample and
-    reached 0.99 whole-clip accuracy where the 2d trunk, at 16 channels, was at 0.24
-    after four times the epochs (BENCHMARKS.md).
+    trunk's (its speed and accuracy against the 2d trunk: BENCHMARKS.md).
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -192,15 +185,17 @@ class CRNN(nn.Module):
         return self.out(self.dropout(seq))  # (B, T, C+1)
 
 
+# The network of each image model name (shared.spec.IMAGE_MODELS).
+NETWORKS: dict[str, type[nn.Module]] = {
+    "multihead": MultiHeadCNN, "cnn": MultiHeadCNN, "lenet": LeNet, "crnn": CRNN}
+
+
 def build_model(cfg: ModelConfig) -> nn.Module:
     """Return a freshly initialised model for ``cfg.arch``. Raises ValueError."""
-    if cfg.arch in ("multihead", "cnn"):
-        return MultiHeadCNN(cfg)
-    if cfg.arch == "lenet":
-        return LeNet(cfg)
-    if cfg.arch == "crnn":
-        return CRNN(cfg)
-    raise ValueError(f"unknown model {cfg.arch!r}")
+    network = NETWORKS.get(cfg.arch)
+    if network is None:
+        raise ValueError(f"unknown model {cfg.arch!r}")
+    return network(cfg)
 
 
 def time_steps(cfg: ModelConfig) -> int:

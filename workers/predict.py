@@ -20,10 +20,10 @@ from shared.artifacts import read_verified
 from shared.db import session_scope
 from shared.errors import ArtifactError, CaptrainError, InputError
 from shared.images import load_rgb
-from shared.records import find_model
+from shared.lookup import find_model
 from shared.shardfmt import Item
 from shared.spec import TABULAR_MODELS
-from workers.data import (
+from workers.codecs import (
     decode_item,
     decode_label,
     normalize,

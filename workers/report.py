@@ -2,7 +2,7 @@
 matrices and an HTML page that shows them together.
 
 Everything here is a plain function of numbers, shard items and predictions; the
-SQL and model loading around it live in ``workers.analysis``. Files are named
+SQL and model loading around it live in ``workers.jobs.analyses``. Files are named
 ``curves.png``, ``grid.png`` (image datasets only), ``confusion.png`` and
 ``index.html``, which links the others by relative names, so the folder can be
 opened from disk or served as is.
@@ -26,6 +26,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from shared.images import load_rgb_bytes
+from shared.kinds import kind_of
 from shared.shardfmt import Item
 
 METRICS = ("loss", "char_acc", "seq_acc")
@@ -55,7 +56,7 @@ def _png(fig: Figure) -> bytes:
 
 def has_images(kind: str, items: Sequence[Item]) -> bool:
     """True when the items are pictures that a grid can show (not audio clips)."""
-    return kind != "audio" and all(it.ext.lower() in IMAGE_EXTS for it in items)
+    return kind_of(kind).images and all(it.ext.lower() in IMAGE_EXTS for it in items)
 
 
 def curves_png(metrics: Sequence[dict[str, Any]]) -> bytes:

@@ -4,7 +4,7 @@ mid-epoch and go back to the queue, instead of blocking the shutdown for hours.
 The worker's main process receives the signal; the training runs in a pool child.
 On ``worker_shutting_down`` the main process creates a stop file named after its
 own pid; training checks for its parent's (prefork) or its own (solo pool) stop file
-between batches, which costs one ``stat``.
+between batches, which costs one ``stat``, and stops with ``shared.errors.StopRequested``.
 """
 
 from __future__ import annotations
@@ -15,10 +15,6 @@ from pathlib import Path
 from typing import Any
 
 from celery.signals import worker_init, worker_shutting_down
-
-
-class StopRequested(Exception):
-    """Training was asked to stop between batches; a checkpoint was saved first."""
 
 
 def stop_file(pid: int) -> Path:

@@ -69,8 +69,8 @@ def draw_label(rng: random.Random, charset: str, length: int, min_length: int | 
 def encode_image(im: Image.Image, image_format: str) -> bytes:
     """``im`` as stored: ``pgm`` is binary 8-bit PGM of Pillow's grey, what every model
     reads (a header and a copy, so it costs almost nothing beside drawing); ``png``
-    keeps the package's colours in 0.79x the bytes, but compressing them slowed the
-    plain drawing loop to 0.55-0.64 of its speed on the 2-core VM (BENCHMARKS.md).
+    keeps the package's colours in fewer bytes, at the cost of compressing them
+    (BENCHMARKS.md has the cost).
     """
     if image_format == "pgm":
         grey = im.convert("L")

@@ -70,23 +70,20 @@ def accuracy(model: nn.Module, mean: np.ndarray, std: np.ndarray, x: np.ndarray,
     return float((pred == y).mean())
 
 
-def stratified_folds(y: np.ndarray, k: int, seed: int) -> list[np.ndarray]:
-    """Split row indices into ``k`` folds with every class spread evenly, seeded."""
-    rng = np.random.default_rng(seed)
-    folds: list[list[int]] = [[] for _ in range(k)]
-    for c in np.unique(y):
-        rows = rng.permutation(np.flatnonzero(y == c))
-        for i, r in enumerate(rows):
-            folds[i % k].append(int(r))
-    return [np.array(sorted(f)) for f in folds]
+def stratified_folds(y: np.ndarray, k: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(train rows, test rows) for each of ``k`` folds, every class spread evenly over
+    the test folds, seeded: scikit-learn's ``StratifiedKFold``."""
+    from sklearn.model_selection import StratifiedKFold
+
+    skf = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
+    return list(skf.split(np.zeros((len(y), 1)), y))
 
 
 def cross_validate(arch: str, table: Table, k: int = 5, seed: int = 0) -> dict[str, Any]:
     """Stratified k-fold accuracy of ``arch``: per fold, their mean and std."""
     n_classes = len(table.classes)
     scores = []
-    for i, test_rows in enumerate(stratified_folds(table.y, k, seed)):
-        train_rows = np.setdiff1d(np.arange(len(table.y)), test_rows)
+    for i, (train_rows, test_rows) in enumerate(stratified_folds(table.y, k, seed)):
         model, mean, std = fit(arch, table.x[train_rows], table.y[train_rows], n_classes,
                                seed + i)
         scores.append(accuracy(model, mean, std, table.x[test_rows], table.y[test_rows]))

@@ -1,4 +1,4 @@
-"""What the explore and report tasks do, with the SQL around the plain renderers.
+"""Analysis jobs: explore a dataset, report on a run; the SQL around the renderers.
 
 ``workers.explore`` and ``workers.report`` compute and draw; this module loads the
 rows they need, and stores what they return as one ``analyses`` row (keyed by its
@@ -7,7 +7,7 @@ job) with its ``analysis_files`` rows pointing at content-addressed artifacts.
 A message may be delivered twice (late acks), so each function reads the job first
 and does nothing for a job that has ended, and the final write is an upsert on the
 job's unique analysis: a second run leaves the same rows. Each delivery counts as an
-attempt on the job row (``shared.records.start_job``): after ``MAX_ATTEMPTS`` that
+attempt on the job row (``shared.state.start_job``): after ``max_attempts`` (a setting) that
 never finished, the job is failed instead of being run again.
 """
 
@@ -16,26 +16,15 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import select
 
 from shared import shardfmt
 from shared.artifacts import put_bytes, read_verified
 from shared.db import insert_for, session_scope
 from shared.errors import StateError
-from shared.records import finished_run, start_job
-from shared.schema import (
-    CANCELLED,
-    DONE,
-    FAILED,
-    PENDING,
-    RUNNING,
-    Analysis,
-    AnalysisFile,
-    Job,
-    Metric,
-    Shard,
-    utcnow,
-)
+from shared.lookup import finished_run
+from shared.schema import DONE, Analysis, AnalysisFile, Metric, Shard, utcnow
+from shared.state import finish_analysis, start_job
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +43,7 @@ def store_analysis(job_id: int, kind: str, subject: str, summary: dict[str, Any]
     one transaction. Returns the analysis id, or None if the job was cancelled or
     failed meanwhile (then nothing is stored)."""
     with session_scope() as s:
-        status = s.execute(select(Job.status).where(Job.id == job_id)).scalar_one()
-        if status in (CANCELLED, FAILED):
+        if not finish_analysis(s, job_id):
             return None
         insert = insert_for(s)
         s.execute(insert(Analysis)
@@ -69,8 +57,6 @@ def store_analysis(job_id: int, kind: str, subject: str, summary: dict[str, Any]
             stmt = insert(AnalysisFile).values(analysis_id=analysis.id, name=name, sha256=sha)
             s.execute(stmt.on_conflict_do_update(index_elements=["analysis_id", "name"],
                                                  set_={"sha256": stmt.excluded.sha256}))
-        s.execute(update(Job).where(Job.id == job_id, Job.status.in_([PENDING, RUNNING]))
-                  .values(status=DONE, error=None, finished_at=utcnow()))
         return analysis.id
 
 
@@ -78,7 +64,7 @@ def run_explore(job_id: int, count_attempt: bool = True) -> int | None:
     """Explore the dataset named by explore job ``job_id``; store the result.
 
     ``count_attempt``: whether this delivery counts against the job's attempts
-    (``workers.tasks.new_attempt``). Returns the analysis id, or None if the job had
+    (``workers.tasks.CaptrainTask.new_attempt``). Returns the analysis id, or None if the job had
     ended or used up its attempts. Raises NotFound for an unknown job, SpecError for
     a dataset that cannot be explored.
     """

@@ -61,7 +61,7 @@ def main() -> None:
 
     from scheduler import presets, watch
     from scheduler.plan import plan_generate, plan_train
-    from scheduler.submit import enqueue_shards, enqueue_train
+    from scheduler.submit import send_job
     from shared.spec import GenerateSpec, TrainSpec, validate
 
     preset = presets.get(args.preset)
@@ -75,8 +75,8 @@ def main() -> None:
 
     t0 = time.monotonic()
     with workers("cpu", os.cpu_count() or 2, HOME):
-        job_id, idx = plan_generate(gspec)
-        enqueue_shards("generate", job_id, idx)
+        job_id, _ = plan_generate(gspec)
+        send_job(job_id)
         assert watch.wait(job_id, Console(quiet=True), interval=0.5, quiet=True) == "done"
     gen_s = time.monotonic() - t0
     print(f"generated {gspec.count} images in {gen_s:.0f} s", flush=True)
@@ -84,7 +84,7 @@ def main() -> None:
     t1 = time.monotonic()
     with workers("gpu", 1, HOME):
         run_id, train_job = plan_train(tspec)
-        enqueue_train(run_id, train_job, tspec.time_limit)
+        send_job(train_job)
 
         def show(row: dict) -> None:
             print(f"  epoch {row['epoch']:>3}  {time.monotonic() - t1:6.0f} s  "

@@ -42,7 +42,7 @@ def main() -> None:
 
     from scheduler import watch
     from scheduler.plan import plan_generate, plan_train
-    from scheduler.submit import enqueue_shards, enqueue_train
+    from scheduler.submit import send_job
     from shared.spec import GenerateSpec, TrainSpec, validate
 
     gspec = validate(GenerateSpec, name="gpu-bench", count=args.images, length=4,
@@ -58,8 +58,8 @@ def main() -> None:
     cpus = os.cpu_count() or 2
     with workers("cpu", cpus, HOME):
         t_gen = time.monotonic()  # the worker is up: synthesis starts now
-        job_id, idx = plan_generate(gspec)
-        enqueue_shards("generate", job_id, idx)
+        job_id, _ = plan_generate(gspec)
+        send_job(job_id)
         assert watch.wait(job_id, Console(quiet=True), interval=0.2, quiet=True) == "done"
         gen_s = time.monotonic() - t_gen
     print(f"synthesis: {gspec.count} images in {gen_s:.1f} s "
@@ -70,7 +70,7 @@ def main() -> None:
     with workers("gpu", 1, HOME):
         t_train = time.monotonic()
         run_id, train_job = plan_train(tspec)
-        enqueue_train(run_id, train_job, tspec.time_limit)
+        send_job(train_job)
 
         def on_epoch(row: dict) -> None:
             now = time.monotonic()

@@ -68,19 +68,19 @@ def generate_then_train(home: Path, gspec: Any, tspec: Any, cpu_processes: int =
 
     from scheduler import watch
     from scheduler.plan import plan_generate, plan_train
-    from scheduler.submit import enqueue_shards, enqueue_train
+    from scheduler.submit import send_job
 
     quiet = Console(quiet=True)
     t0 = time.monotonic()
     with workers("cpu", cpu_processes, home):
-        job, idx = plan_generate(gspec)
-        enqueue_shards("generate", job, idx)
+        job, _ = plan_generate(gspec)
+        send_job(job)
         if (end := watch.wait(job, quiet, interval=1.0, quiet=True)) != "done":
             raise RuntimeError(f"generate job {job} ended {end}")
     t_gen = time.monotonic() - t0
     with workers("gpu", 1, home):
         run_id, tjob = plan_train(tspec)
-        enqueue_train(run_id, tjob, tspec.time_limit)
+        send_job(tjob)
         if (end := watch.wait(tjob, quiet, interval=2.0, quiet=True)) != "done":
             raise RuntimeError(f"train job {tjob} ended {end}")
     return run_id, t_gen, time.monotonic() - t0 - t_gen

@@ -43,7 +43,7 @@ def main() -> None:
     from scheduler import status, watch
     from scheduler.mnist import plan_mnist, scan_mnist
     from scheduler.plan import plan_train
-    from scheduler.submit import enqueue_train
+    from scheduler.submit import send_job
     from shared.spec import TrainSpec, validate
 
     folder = args.folder
@@ -62,7 +62,7 @@ def main() -> None:
                     batch_size=args.batch_size, lr=args.lr)
     with workers("gpu", 1, HOME):
         run_id, job = plan_train(spec)
-        enqueue_train(run_id, job, spec.time_limit)
+        send_job(job)
         final = watch.wait(job, Console(quiet=True), interval=1.0, quiet=True)
     detail = status.run_detail(run_id)
     if final != "done":

@@ -111,7 +111,7 @@ def job_rate(n: int, shard_size: int, processes: int, tag: str, image_format: st
     finished (so the benchmark can poll slowly and take no CPU from the workers)."""
     from scheduler import watch
     from scheduler.plan import plan_generate
-    from scheduler.submit import enqueue_shards
+    from scheduler.submit import send_job
     from shared.db import session_scope
     from shared.schema import Job
     from shared.spec import GenerateSpec, validate
@@ -120,8 +120,8 @@ def job_rate(n: int, shard_size: int, processes: int, tag: str, image_format: st
                     charset="digits", shard_size=shard_size, seed=processes,
                     image_format=image_format)
     t0 = time.time()
-    job_id, idx = plan_generate(spec)
-    enqueue_shards("generate", job_id, idx)
+    job_id, _ = plan_generate(spec)
+    send_job(job_id)
     status = watch.wait(job_id, Console(quiet=True), interval=0.5, quiet=True)
     assert status == "done", status
     with session_scope() as s:

@@ -11,7 +11,7 @@ decodes every shard again (the path a dataset larger than the cache takes).
 
 Peak RSS of the train job as the dataset grows: for each size, a dataset of that many
 images (shards of 1000) is generated, then a fresh process runs the worker's own
-``workers.jobs.train_run`` on it for one epoch (every training image streamed from
+``workers.jobs.training.train_run`` on it for one epoch (every training image streamed from
 SQL, decoded and trained on; val and test evaluated; checkpoint and model stored),
 once with the decoded-shard caches at 0 and once at their defaults, and reports its
 peak RSS (VmHWM).
@@ -41,14 +41,14 @@ HOME = Path(os.environ["CAPTRAIN_HOME"]) if "--rss-child" in sys.argv else isola
 def make_dataset(n: int, name: str = "bench-train", shard_size: int = 250) -> str:
     from scheduler import watch
     from scheduler.plan import plan_generate
-    from scheduler.submit import enqueue_shards
+    from scheduler.submit import send_job
     from shared.spec import GenerateSpec, validate
 
     spec = validate(GenerateSpec, name=name, count=n, length=4, charset="digits",
                     shard_size=shard_size, seed=1)
     with workers("cpu", 2, HOME):
-        job_id, idx = plan_generate(spec)
-        enqueue_shards("generate", job_id, idx)
+        job_id, _ = plan_generate(spec)
+        send_job(job_id)
         assert watch.wait(job_id, Console(quiet=True), interval=0.1, quiet=True) == "done"
     return spec.name
 
@@ -89,29 +89,27 @@ def rss_child(name: str, cache: str) -> None:
     """One epoch of the worker's train_run on dataset ``name``; prints a JSON line."""
     import torch  # noqa: F401  (imported before the baseline reading)
 
-    import workers.data
-    import workers.train  # noqa: F401
+    import workers.loader
+    import workers.loop  # noqa: F401
     from scheduler.plan import plan_train
+    from shared.settings import get_settings
     from shared.spec import TrainSpec, validate
-    from workers import jobs
+    from workers.jobs import training
 
-    if cache == "off":
-        # The same code with every cache at 0: each shard is fetched and decoded
-        # each time it is read.
-        jobs.TRAIN_CACHE_BYTES = jobs.VAL_CACHE_BYTES = 0
+    settings = get_settings()  # the parent sets CAPTRAIN_*_CACHE_MIB to 0 for "off"
     run_id, _ = plan_train(validate(TrainSpec, dataset=name, epochs=1, batch_size=64,
                                     device="cpu", seed=0))
     base, base_anon = _status_mb("VmRSS"), _status_mb("RssAnon")
     anon = _AnonPeak()
     t0 = time.perf_counter()
-    test = jobs.train_run(run_id, "bench-rss")
+    test = training.train_run(run_id, "bench-rss")
     assert test is not None
     print(json.dumps({"base_mb": base, "peak_mb": _status_mb("VmHWM"),
                       "base_anon_mb": base_anon, "peak_anon_mb": anon.stop(),
                       "seconds": time.perf_counter() - t0, "test_count": test["count"],
                       "test_seq_acc": test["seq_acc"],
-                      "cache_mb": {"train": jobs.TRAIN_CACHE_BYTES / 2**20,
-                                   "val": jobs.VAL_CACHE_BYTES / 2**20}}))
+                      "cache_mb": {"train": settings.train_cache_mib,
+                                   "val": settings.val_cache_mib}}))
 
 
 def rss(sizes: list[int]) -> None:
@@ -123,8 +121,12 @@ def rss(sizes: list[int]) -> None:
         name = make_dataset(n, f"rss-{n}", shard_size=1000)
         print(f"{n} images generated in {time.perf_counter() - t0:.0f} s", flush=True)
         for cache in ("off", "default"):
+            # The same code with every cache at 0: each shard is fetched and decoded
+            # each time it is read.
+            env = {**os.environ, **({"CAPTRAIN_TRAIN_CACHE_MIB": "0",
+                                     "CAPTRAIN_VAL_CACHE_MIB": "0"} if cache == "off" else {})}
             out = subprocess.run([sys.executable, __file__, "--rss-child", name, cache],
-                                 capture_output=True, text=True, env=os.environ)
+                                 capture_output=True, text=True, env=env)
             if out.returncode != 0:
                 raise SystemExit(out.stdout + out.stderr)
             r = json.loads(out.stdout.strip().splitlines()[-1])
@@ -153,13 +155,14 @@ def main() -> None:
     import torch
     from sqlalchemy import select
 
-    from scheduler.plan import find_dataset
     from shared.artifacts import read_verified
     from shared.db import session_scope
+    from shared.lookup import find_dataset
     from shared.schema import Shard
-    from workers.data import ShardLoader, decode_shard, normalize
+    from workers.codecs import decode_shard, normalize
+    from workers.loader import ShardLoader
+    from workers.loop import _loss
     from workers.models import ModelConfig, build_model
-    from workers.train import _loss
 
     name = make_dataset(args.images)
     with session_scope() as s:

@@ -17,10 +17,12 @@ from conftest import ON_POSTGRES, scratch_pg_database, wait_for
 from sqlalchemy import create_engine, func, inspect, select, text, update
 from typer.testing import CliRunner
 
-from scheduler.analysis import enqueue, fetch, plan_explore
+from scheduler.analysis import fetch, plan_explore
 from scheduler.cli import app
+from scheduler.submit import send_job
 from shared.db import session_scope
 from shared.schema import Analysis, AnalysisFile, Artifact, ArtifactChunk, Job, Shard
+from shared.settings import get_settings
 
 runner = CliRunner()
 IRIS_FILES = ["covariance.csv", "pairplot.png", "sepal-scatter.png", "stats.csv"]
@@ -61,7 +63,7 @@ def _children(pid: int) -> list[int]:
 @ON_POSTGRES
 def test_reconcile_resends_explore_jobs_whose_messages_were_lost(backend, start_worker):
     pending = plan_explore("iris")
-    enqueue("explore", pending)
+    send_job(pending)
     lost = plan_explore("iris")
     with session_scope() as s:
         # As if a worker had taken it and died with its host: its message is gone.
@@ -99,7 +101,7 @@ def test_reconcile_resends_explore_jobs_whose_messages_were_lost(backend, start_
 def test_a_cancelled_explore_job_is_a_noop_for_its_worker_and_retry_runs_it(
         sqlite_env, start_worker):
     job_id = plan_explore("iris")
-    enqueue("explore", job_id)
+    send_job(job_id)
     assert _ok("cancel", str(job_id))["cancelled"] is True
     worker = start_worker(sqlite_env, queues="cpu", concurrency=1)
     wait_for(lambda: "captrain.explore[" in worker.log.read_text()
@@ -157,10 +159,10 @@ def test_a_report_failed_on_a_corrupt_test_shard_is_retried_once_it_is_repaired(
 @pytest.mark.integration
 def test_an_explore_job_whose_worker_is_killed_each_time_fails_after_bounded_attempts(
         backend, start_worker):
-    from shared.records import MAX_ATTEMPTS
+    MAX_ATTEMPTS = get_settings().max_attempts
 
     job_id = plan_explore("iris")
-    enqueue("explore", job_id)
+    send_job(job_id)
     engine = create_engine(backend["CAPTRAIN_DATABASE_URL"])
     holder = engine.connect()
     try:
@@ -193,7 +195,9 @@ def test_an_explore_job_whose_worker_is_killed_each_time_fails_after_bounded_att
 
 def test_attempts_are_counted_per_delivery_not_per_celery_retry(backend):
     from shared.errors import StateError
-    from shared.records import MAX_ATTEMPTS, start_job
+    from shared.state import start_job
+
+    MAX_ATTEMPTS = get_settings().max_attempts
 
     job_id = plan_explore("iris")
     for n in range(1, MAX_ATTEMPTS + 1):
@@ -220,7 +224,7 @@ def test_attempts_are_counted_per_delivery_not_per_celery_retry(backend):
 
 def test_an_artifact_named_by_an_analysis_file_is_never_deleted(backend):
     from shared.artifacts import delete_if_unreferenced, put_bytes, referencing_columns
-    from workers.analysis import run_explore
+    from workers.jobs.analyses import run_explore
 
     assert {f"{c.table.name}.{c.name}" for c in referencing_columns()} == {
         "shards.sha256", "runs.checkpoint_sha256", "models.weights_sha256",
@@ -249,7 +253,7 @@ def test_an_artifact_named_by_an_analysis_file_is_never_deleted(backend):
                          .where(ArtifactChunk.sha256 == loose)).scalar_one() == 0
 
 
-# --- migrations 0004 and 0005 ----------------------------------------------------
+# --- migrations 0004, 0005 and 0006 ----------------------------------------------------
 
 @pytest.fixture(params=["sqlite", "postgres"])
 def empty_db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
@@ -307,8 +311,8 @@ def test_migration_0005_marks_earlier_image_jobs_png_and_downgrades_only_without
         with engine.begin() as conn:
             _insert_generate(conn, {**before, "kind": "image"})
             _insert_generate(conn, {**before, "name": "voice", "kind": "audio"})
-        migrate.upgrade(engine)
-        assert migrate.current_revision(engine) == "0005" == migrate.head_revision()
+        migrate.upgrade(engine, "0005")
+        assert migrate.current_revision(engine) == "0005"
 
         def specs() -> dict:
             with engine.connect() as conn:
@@ -330,5 +334,44 @@ def test_migration_0005_marks_earlier_image_jobs_png_and_downgrades_only_without
         command.downgrade(migrate.alembic_config(engine), "0004")
         assert migrate.current_revision(engine) == "0004"
         assert all("image_format" not in s for s in specs().values())
+    finally:
+        engine.dispose()
+
+
+def test_migration_0006_names_each_jobs_dataset_from_its_shards_or_run_and_downgrades(
+        empty_db):
+    from alembic import command
+
+    from shared import migrate
+
+    engine = create_engine(empty_db)
+    now = "CURRENT_TIMESTAMP"
+    try:
+        migrate.upgrade(engine, "0005")
+        with engine.begin() as conn:
+            for kind in ("generate", "train", "explore"):
+                conn.execute(text(
+                    "INSERT INTO jobs (kind, status, spec, settings, created_at, attempts) "
+                    f"VALUES (:kind, 'done', '{{}}', '{{}}', {now}, 0)"), {"kind": kind})
+            for name in ("a", "b"):  # a and b: ids 1 and 2
+                conn.execute(text(
+                    "INSERT INTO datasets (name, kind, status, charset, length, width, "
+                    f"height, count, meta, created_at) VALUES (:n, 'captcha', 'ready', "
+                    f"'0123456789', 4, 160, 60, 10, '{{}}', {now})"), {"n": name})
+            conn.execute(text("INSERT INTO shards (job_id, dataset_id, \"index\", split, "
+                              "seed, start, count, status, attempts) "
+                              "VALUES (1, 2, 0, 'train', 0, 0, 10, 'done', 0)"))
+            conn.execute(text("INSERT INTO runs (job_id, dataset_id, status, model, "
+                              f"epochs_done, attempts, created_at) "
+                              f"VALUES (2, 1, 'done', 'multihead', 1, 0, {now})"))
+        migrate.upgrade(engine, "0006")
+        assert migrate.current_revision(engine) == "0006"
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT kind, dataset_id FROM jobs ORDER BY id")).all() \
+                == [("generate", 2), ("train", 1), ("explore", None)]
+        command.downgrade(migrate.alembic_config(engine), "0005")
+        assert "dataset_id" not in {c["name"] for c in inspect(engine).get_columns("jobs")}
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT COUNT(*) FROM jobs")).scalar() == 3
     finally:
         engine.dispose()

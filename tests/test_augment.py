@@ -9,7 +9,8 @@ import torch
 
 from shared import shardfmt
 from workers.augment import Augment
-from workers.data import ShardLoader, decode_shard
+from workers.codecs import decode_shard
+from workers.loader import ShardLoader
 from workers.models import ModelConfig
 from workers.synth import render_items
 

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from scheduler.cli import app
 from shared.db import session_scope
-from shared.schema import Dataset, Job, Run, Shard
+from shared.schema import DONE, FAILED, READY, RUNNING, Dataset, Job, Run, Shard
 
 runner = CliRunner()
 
@@ -23,36 +23,64 @@ def _row_counts() -> tuple[int, int, int, int]:
 
 
 @pytest.mark.parametrize(
-    "args",
+    "args,message",
     [
-        ["generate", "--name", "bad", "--count", "0"],
-        ["generate", "--name", "bad", "--count", "100", "--length", "0"],
-        ["generate", "--name", "bad", "--count", "100", "--charset", ""],
-        ["generate", "--name", "bad", "--count", "100", "--shard-size", "-1"],
-        ["generate", "--name", "bad/../x", "--count", "100", "--shard-size", "10"],
-        ["generate", "--name", "bad", "--count", "100", "--shard-size", "10", "--split", "1,1"],
-        ["generate", "--name", "bad", "--count", "100", "--image-format", "gif"],
-        ["train", "--dataset", "no-such-name"],
-        ["train", "--dataset", "x", "--epochs", "0"],
-        ["train", "--dataset", "x", "--time-limit", "999999"],
-        ["job", "99999999999999999999"],
-        ["job", "²"],
-        ["job", "987654"],
-        ["run", "987654"],
-        ["job", "abc"],
-        ["run", "1.5"],
-        ["job", "1' OR '1'='1"],
-        ["shard", "--dataset", "no-such-name"],
+        (["generate", "--name", "bad", "--count", "0"], "count: Input should be greater"),
+        (["generate", "--name", "bad", "--count", "100", "--length", "0"],
+         "length: Input should be greater"),
+        (["generate", "--name", "bad", "--count", "100", "--charset", ""], "charset is empty"),
+        (["generate", "--name", "bad", "--count", "100", "--shard-size", "-1"],
+         "shard_size: Input should be greater"),
+        (["generate", "--name", "bad/../x", "--count", "100", "--shard-size", "10"],
+         "name: String should match pattern"),
+        (["generate", "--name", "bad", "--count", "100", "--shard-size", "10", "--split", "1,1"],
+         "needs three fractions"),
+        (["generate", "--name", "bad", "--count", "100", "--image-format", "gif"],
+         "image_format: Input should be 'pgm' or 'png'"),
+        (["train", "--dataset", "no-such-name"], "no dataset named 'no-such-name'"),
+        # Spec bounds are checked before the dataset is looked up.
+        (["train", "--dataset", "x", "--epochs", "0"],
+         "epochs: Input should be greater than or equal to 1"),
+        (["train", "--dataset", "x", "--time-limit", "99999999"],
+         "time_limit: Input should be less than or equal to 2592000"),
+        (["job", "99999999999999999999"], "is not a positive number"),
+        (["job", "²"], "is not a positive number"),
+        (["job", "987654"], "no job 987654"),
+        (["run", "987654"], "no run 987654"),
+        (["job", "abc"], "is not a positive number"),
+        (["run", "1.5"], "is not a positive number"),
+        (["job", "1' OR '1'='1"], "is not a positive number"),
+        (["shard", "--dataset", "no-such-name"], "no dataset named 'no-such-name'"),
     ],
 )
-def test_bad_input_prints_one_error_line_exits_non_zero_and_writes_nothing(backend, args):
+def test_bad_input_prints_one_error_line_exits_non_zero_and_writes_nothing(
+        backend, args, message):
     before = _row_counts()
     result = runner.invoke(app, args)
     assert result.exit_code != 0
     lines = [ln for ln in result.output.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:"), result.output
+    assert message in lines[0], result.output
     assert "Traceback" not in result.output
     assert _row_counts() == before
+
+
+def test_a_time_limit_must_stay_below_the_visibility_timeout(backend, monkeypatch):
+    # Iris is built in, so the dataset is ready and the rule under test is reached.
+    monkeypatch.setenv("CAPTRAIN_VISIBILITY_TIMEOUT", "3600")
+    from shared.settings import get_settings
+
+    get_settings.cache_clear()
+    before = _row_counts()
+    args = ["train", "--dataset", "iris", "--model", "logreg", "--time-limit"]
+    refused = runner.invoke(app, [*args, "3600"])
+    lines = [ln for ln in refused.output.splitlines() if ln.strip()]
+    assert refused.exit_code == 2 and len(lines) == 1, refused.output
+    assert lines[0] == ("error: time limit 3600 s must stay below "
+                        "CAPTRAIN_VISIBILITY_TIMEOUT (3600 s)"), refused.output
+    assert _row_counts() == before
+    accepted = runner.invoke(app, [*args, "3000"])
+    assert accepted.exit_code == 0, accepted.output
 
 
 @pytest.mark.parametrize(
@@ -133,3 +161,68 @@ def test_a_malformed_setting_is_one_error_line(backend, monkeypatch):
     result = runner.invoke(app, ["jobs"])
     assert result.exit_code == 3
     assert result.output.strip().startswith("error: invalid CAPTRAIN_VISIBILITY_TIMEOUT")
+
+
+def test_status_tables_stay_readable_at_80_columns(backend):
+    # Key cells stay whole at 80 columns, not "runni…" or "digits-…"; long text folds.
+    name = f"digits-{uuid.uuid4().hex[:10]}"  # 17 characters
+    for n in (name, f"{name}-b", f"{name}-c"):
+        made = runner.invoke(app, ["generate", "--name", n, "--count", "100",
+                                   "--shard-size", "50"])
+        assert made.exit_code == 0, made.output
+    with session_scope() as s:
+        ds = s.execute(select(Dataset).where(Dataset.name == name)).scalar_one()
+        ds.status = READY
+        s.get(Job, ds.layout_job_id).status = DONE
+        failed = s.execute(select(Dataset).where(Dataset.name == f"{name}-c")).scalar_one()
+        s.get(Job, failed.layout_job_id).status = FAILED
+        s.get(Job, failed.layout_job_id).error = (
+            "shard 1: the worker was lost twice while rendering it; see its log for why")
+    trained = runner.invoke(app, ["train", "--dataset", name, "--epochs", "12"])
+    assert trained.exit_code == 0, trained.output
+    with session_scope() as s:
+        run = s.execute(select(Run).order_by(Run.id.desc())).scalars().first()
+        run.status, run.epochs_done, run.device = RUNNING, 3, "cpu"
+        s.get(Job, run.job_id).status = RUNNING
+        run_id, job_id = run.id, run.job_id
+
+    shown = {}
+    for args in (["jobs"], ["runs"], ["datasets"], ["run", str(run_id)],
+                 ["job", str(job_id)]):
+        result = runner.invoke(app, args, env={"COLUMNS": "80"})
+        assert result.exit_code == 0, result.output
+        assert "…" not in result.output, result.output
+        assert max(len(ln) for ln in result.output.splitlines()) <= 80, result.output
+        assert name in result.output, result.output
+        shown[args[0]] = result.output
+    for word in ("running", "pending", "done", "failed"):
+        assert word in shown["jobs"], shown["jobs"]
+    assert "running" in shown["runs"] and "3/12" in shown["runs"], shown["runs"]
+    assert "ready" in shown["datasets"] and "pending" in shown["datasets"]
+    for view in ("run", "job"):
+        assert "running" in shown[view] and "epochs_done" in shown[view], shown[view]
+
+
+@pytest.mark.parametrize("running_before", [False, True])
+def test_the_demo_stops_the_embedded_redis_only_if_it_started_it(
+        tmp_path, monkeypatch, running_before):
+    from rich.console import Console
+
+    from scheduler import demo
+    from shared import embedded
+    from shared.settings import get_settings
+
+    for key in ("CAPTRAIN_BROKER_URL", "CAPTRAIN_DATABASE_URL"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("CAPTRAIN_HOME", str(tmp_path / "home"))
+    get_settings.cache_clear()
+    settings = get_settings()
+    try:
+        if running_before:
+            embedded.start(settings)
+        with demo._local_services(Console(quiet=True)):
+            assert embedded.is_running(settings)
+        assert embedded.is_running(settings) == running_before
+    finally:
+        embedded.stop(settings)
+        get_settings.cache_clear()

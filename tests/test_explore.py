@@ -162,7 +162,7 @@ def test_standard_deviation_and_variance_are_sample_statistics_with_linear_perce
 def test_an_explore_job_run_twice_leaves_one_analysis_with_the_same_files(sqlite_env):
     """A redelivered message (late acks) must not duplicate rows or change bytes."""
     from scheduler.analysis import plan_explore
-    from workers.analysis import run_explore
+    from workers.jobs.analyses import run_explore
 
     job_id = plan_explore("iris")
     first = run_explore(job_id)

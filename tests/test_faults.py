@@ -26,8 +26,9 @@ from scheduler.cli import app
 from shared import shardfmt
 from shared.db import session_scope
 from shared.schema import RUNNING, Artifact, ArtifactChunk, Job, Metric, Model, Run, Shard
+from shared.settings import get_settings
 from shared.spec import GenerateSpec
-from workers.jobs import generated_meta
+from workers.jobs.shards import generated_meta
 
 pytestmark = pytest.mark.integration
 runner = CliRunner()
@@ -166,11 +167,11 @@ def test_redis_flushed_mid_job_is_recovered_by_reconcile(backend, start_worker):
 
 @ON_POSTGRES
 def test_the_same_messages_delivered_twice_leave_one_result(backend, start_worker):
-    from scheduler.submit import enqueue_shards
+    from scheduler.submit import send_job
 
     job_id = _generate("twice", 600, 50)
     indices = [sh.index for sh in _shards(job_id)]
-    enqueue_shards("generate", job_id, indices)  # every message a second time
+    assert send_job(job_id) == len(indices) == 12  # every message a second time
     start_worker(backend, queues="cpu", concurrency=1)
     start_worker(backend, queues="cpu", concurrency=1)
     wait_for(lambda: all(sh.status == "done" for sh in _shards(job_id)), 180,
@@ -186,7 +187,7 @@ def test_the_same_messages_delivered_twice_leave_one_result(backend, start_worke
 
 @ON_POSTGRES
 def test_a_poison_shard_is_failed_after_bounded_attempts(backend, start_worker):
-    from shared.records import MAX_ATTEMPTS
+    MAX_ATTEMPTS = get_settings().max_attempts
 
     job_id = _generate("poison", 200, 50)
     with session_scope() as s:
@@ -465,7 +466,7 @@ def _ping(url: str) -> bool:
 
 @ON_POSTGRES
 def test_a_train_message_delivered_twice_at_once_trains_once(backend, start_worker):
-    from scheduler.submit import enqueue_train
+    from scheduler.submit import send_job
 
     start_worker(backend, queues="cpu", concurrency=2)
     gen = _generate("train-twice", 1000, 250)
@@ -473,7 +474,7 @@ def test_a_train_message_delivered_twice_at_once_trains_once(backend, start_work
     out = _ok(["train", "--dataset", "train-twice", "--epochs", "3"])
     with session_scope() as s:
         run_id = s.execute(select(Run.id).where(Run.job_id == out["job"])).scalar_one()
-    enqueue_train(run_id, out["job"], 3600)  # a second copy, as a redelivery would
+    assert send_job(out["job"]) == 1  # a second copy, as a redelivery would
     a = start_worker(backend, queues="gpu", concurrency=1)
     b = start_worker(backend, queues="gpu", concurrency=1)
     wait_for(lambda: _ok(["run", str(run_id)])["status"] == "done", 240, what="run done")

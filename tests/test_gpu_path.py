@@ -17,10 +17,11 @@ from typer.testing import CliRunner
 
 from shared import shardfmt
 from workers import checkpoint
-from workers.data import ShardLoader, loader_workers
+from workers.device import Speedups
+from workers.loader import ShardLoader, loader_workers
+from workers.loop import Hooks, _loss, fit
 from workers.models import PAD, ModelConfig, build_model, decode
 from workers.synth import render_items
-from workers.train import Speedups, _loss, fit
 
 CFG = ModelConfig(charset="0123456789", length=4, in_height=30, in_width=80,
                   image_height=60, image_width=160)
@@ -46,8 +47,9 @@ def even_store() -> dict[str, bytes]:
             for i in range(4)}
 
 
-def _loader(store: dict[str, bytes], **kw) -> ShardLoader:
-    return ShardLoader(list(store), store.__getitem__, CFG, 8, seed=3, mix=2, **kw)
+def _loader(store: dict[str, bytes], items: int = 120, **kw) -> ShardLoader:
+    return ShardLoader(list(store), store.__getitem__, CFG, 8, seed=3, mix=2, items=items,
+                       **kw)
 
 
 def _same(a: list, b: list) -> bool:
@@ -102,14 +104,31 @@ def test_cuda_turns_every_speedup_on_and_other_devices_none():
     assert Speedups.for_device(torch.device("mps"), compile=True) == Speedups(compiled=True)
 
 
-def _fit(store, train_count=120, **kw):
-    epochs: dict[int, dict] = {}
+class _Record(Hooks):
+    """Keeps each epoch's train metrics and checkpoint; stops when ``stop()`` says so,
+    keeping the interrupt's checkpoint as a run stores it (safetensors)."""
+
+    def __init__(self, stop=None):
+        self.epochs: dict[int, dict] = {}
+        self.saved: list[dict] = []
+        self.stop = stop
+
+    def should_stop(self):
+        return self.stop is not None and self.stop()
+
+    def on_epoch(self, epoch, train, val, ckpt):
+        self.epochs[epoch] = {"train": train, "ckpt": ckpt}
+
+    def on_interrupt(self, ckpt):
+        self.saved.append(checkpoint.loads(checkpoint.dumps(ckpt)))
+
+
+def _fit(store, hooks=None, **kw):
+    hooks = hooks or _Record()
     result = fit(CFG, train=kw.pop("train"), val=_loader(store, shuffle=False),
-                 test=_loader(store, shuffle=False),
-                 train_count=train_count, epochs=2, batch_size=8, lr=1e-3, seed=4, device=CPU,
-                 on_epoch=lambda e, tr, va, c: epochs.setdefault(e, {"train": tr, "ckpt": c}),
-                 **kw)
-    return result, epochs
+                 test=_loader(store, shuffle=False), epochs=2, lr=1e-3, seed=4, device=CPU,
+                 hooks=hooks, **kw)
+    return result, hooks.epochs
 
 
 def test_training_with_loader_workers_gives_the_weights_of_training_without(store):
@@ -130,7 +149,7 @@ def test_training_with_loader_workers_gives_the_weights_of_training_without(stor
 
 
 def test_a_run_with_loader_workers_stopped_mid_epoch_resumes_to_the_same_weights(store):
-    from workers.shutdown import StopRequested
+    from shared.errors import StopRequested
 
     full, _ = _fit(store, train=_loader(store, augment="light"))
     asked = {"n": 0}
@@ -139,12 +158,12 @@ def test_a_run_with_loader_workers_stopped_mid_epoch_resumes_to_the_same_weights
         asked["n"] += 1
         return asked["n"] > 20  # epoch 1 has 15-17 batches of 8
 
-    saved: list[dict] = []
+    record = _Record(stop=stop_inside_epoch_2)
+    saved = record.saved
     pooled = _loader(store, augment="light", workers=2)
     try:
         with pytest.raises(StopRequested):
-            _fit(store, train=pooled, should_stop=stop_inside_epoch_2,
-                 on_interrupt=lambda c: saved.append(checkpoint.loads(checkpoint.dumps(c))))
+            _fit(store, record, train=pooled)
         assert saved[0]["epoch"] == 1 and saved[0]["batch"] > 0
         resumed, _ = _fit(store, train=pooled, resume=saved[0])
     finally:
@@ -154,11 +173,11 @@ def test_a_run_with_loader_workers_stopped_mid_epoch_resumes_to_the_same_weights
 
 
 def test_a_compiled_run_checkpoints_plain_weights_that_resume_without_compiling(even_store):
-    _, epochs = _fit(even_store, 64, train=_loader(even_store), compile=True)
+    _, epochs = _fit(even_store, train=_loader(even_store, 64), compile=True)
     assert epochs[1]["train"]["compiled"] == 1
     ckpt = checkpoint.loads(checkpoint.dumps(epochs[1]["ckpt"]))
     assert set(ckpt["model"]) == set(build_model(CFG).state_dict())  # no _orig_mod.
-    resumed, _ = _fit(even_store, 64, train=_loader(even_store), resume=ckpt)
+    resumed, _ = _fit(even_store, train=_loader(even_store, 64), resume=ckpt)
     assert resumed.resumed_from == 1 and resumed.test["count"] == 64
 
 

@@ -149,7 +149,7 @@ def test_stored_mnist_digits_are_read_as_training_read_them():
 
     from scheduler.mnist import _png
     from shared import shardfmt
-    from workers.data import decode_shard
+    from workers.codecs import decode_shard
 
     images, labels = _stored_digits(8)
     items = [shardfmt.Item(i, str(label), _png(img.tobytes()), "png")
@@ -177,13 +177,22 @@ def _stored_digits(n: int) -> tuple[list[np.ndarray], list[int]]:
 def test_a_digit_photo_is_read_at_the_models_input_size(scale):
     """``--scale`` on an MNIST dataset: the photo's 28x28 digit is resized to the
     model's input as training resized the stored digits."""
+    import torch
     from handwriting import digits
 
     predictor = _digit_predictor(scale)
     pixels8, _ = digits()
     x = predictor._image_input(photo(pixels8[0]), "photo")
     assert x.shape == (1, round(28 * scale), round(28 * scale))
-    assert len(predictor.read([photo(pixels8[0])])) == 1
+    # What is read is this input's most likely digit, with its softmax probability
+    # (an untrained model: which digit does not matter, that it is this input's does).
+    with torch.no_grad():
+        logits = predictor.model((x[None].float() / 255.0 - predictor.cfg.mean)
+                                 / predictor.cfg.std)  # (1, 1, 10)
+    p = logits.softmax(-1)[0, 0]
+    [(text, conf)] = predictor.read([photo(pixels8[0])])
+    assert text == str(int(p.argmax())) and conf == pytest.approx(float(p.max()))
+    assert 0.1 <= conf <= 1.0  # the largest of ten probabilities
 
 
 @pytest.mark.integration

@@ -7,9 +7,9 @@ import torch
 
 from shared.spec import CRNN_COLUMNS_PER_STEP, MIN_INPUT
 from workers import checkpoint
-from workers.data import decode_label, encode_label
+from workers.codecs import decode_label, encode_label
+from workers.loop import Hooks, fit
 from workers.models import PAD, ModelConfig, build_model, decode, time_steps
-from workers.train import fit
 
 CFG = ModelConfig(charset="0123456789", length=4, in_height=30, in_width=80,
                   image_height=60, image_width=160)
@@ -64,45 +64,66 @@ class _Loader:
         for i in range(0, len(self.x), self.bs):
             yield self.x[i : i + self.bs], self.y[i : i + self.bs]
 
+    def steps_per_epoch(self):
+        return -(-len(self.x) // self.bs) + 1  # as a ShardLoader of one shard group
+
+
+class _Record(Hooks):
+    """Keeps each epoch's checkpoint (through the safetensors codec, as a run
+    stores it); stops when ``stop()`` says so, keeping the interrupt's checkpoint."""
+
+    def __init__(self, stop=None):
+        self.epochs: dict[int, dict] = {}
+        self.saved: list[dict] = []
+        self.stop = stop
+
+    def should_stop(self):
+        return self.stop is not None and self.stop()
+
+    def on_epoch(self, epoch, train, val, ckpt):
+        self.epochs[epoch] = checkpoint.loads(checkpoint.dumps(ckpt))
+
+    def on_interrupt(self, ckpt):
+        self.saved.append(checkpoint.loads(checkpoint.dumps(ckpt)))
+
 
 def test_resuming_from_a_checkpoint_matches_an_uninterrupted_run():
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, 256, (64, 1, 30, 80), dtype=torch.uint8, generator=g)
     y = torch.randint(0, 10, (64, 4), generator=g)
     loader = _Loader(x, y)
-    kw = dict(train=loader, val=loader, test=loader, train_count=64, epochs=3,
-              batch_size=16, lr=1e-3, seed=1, device=torch.device("cpu"))
-    ckpts: dict[int, dict] = {}
-    full = fit(CFG, on_epoch=lambda e, tr, va, c: ckpts.setdefault(e, checkpoint.loads(
-        checkpoint.dumps(c))), **kw)
-    resumed = fit(CFG, resume=ckpts[2], on_epoch=lambda *a: None, **kw)
+    kw = dict(train=loader, val=loader, test=loader, epochs=3, lr=1e-3, seed=1,
+              device=torch.device("cpu"))
+    record = _Record()
+    full = fit(CFG, hooks=record, **kw)
+    resumed = fit(CFG, resume=record.epochs[2], **kw)
     assert resumed.resumed_from == 2
     for k, v in full.model.state_dict().items():
         assert torch.allclose(v, resumed.model.state_dict()[k], atol=1e-6), k
 
 
 def test_a_run_stopped_mid_epoch_resumes_at_that_batch_with_the_same_result():
-    from workers.shutdown import StopRequested
+    from shared.errors import StopRequested
 
     g = torch.Generator().manual_seed(1)
     x = torch.randint(0, 256, (96, 1, 30, 80), dtype=torch.uint8, generator=g)
     y = torch.randint(0, 10, (96, 4), generator=g)
     loader = _Loader(x, y)
-    kw = dict(train=loader, val=loader, test=loader, train_count=96, epochs=2,
-              batch_size=16, lr=1e-3, seed=2, device=torch.device("cpu"))
-    full = fit(CFG, on_epoch=lambda *a: None, **kw)
+    kw = dict(train=loader, val=loader, test=loader, epochs=2, lr=1e-3, seed=2,
+              device=torch.device("cpu"))
+    full = fit(CFG, **kw)
     asked = {"n": 0}
 
     def stop_after_8_batches() -> bool:
         asked["n"] += 1
         return asked["n"] > 8  # epoch 1 has 6 batches: stop inside epoch 2
 
-    saved: list[dict] = []
+    record = _Record(stop=stop_after_8_batches)
     with pytest.raises(StopRequested):
-        fit(CFG, on_epoch=lambda *a: None, should_stop=stop_after_8_batches,
-            on_interrupt=lambda c: saved.append(checkpoint.loads(checkpoint.dumps(c))), **kw)
+        fit(CFG, hooks=record, **kw)
+    saved = record.saved
     assert (saved[0]["epoch"], saved[0]["batch"]) == (1, 2)
-    resumed = fit(CFG, resume=saved[0], on_epoch=lambda *a: None, **kw)
+    resumed = fit(CFG, resume=saved[0], **kw)
     for k, v in full.model.state_dict().items():
         assert torch.allclose(v, resumed.model.state_dict()[k], atol=1e-6), k
 
@@ -171,9 +192,8 @@ def test_a_crnn_learns_texts_of_mixed_length_from_synthetic_strokes():
             x[i, 0, 27 - (3 + 2 * d) : 27, 6 + 12 * j : 12 + 12 * j] = 255
         y[i, :k] = digits
     loader = _Loader(x, y, bs=32)
-    result = fit(CTC_CFG, train=loader, val=loader, test=loader, train_count=n, epochs=12,
-                 batch_size=32, lr=3e-3, seed=0, device=torch.device("cpu"),
-                 on_epoch=lambda *a: None)
+    result = fit(CTC_CFG, train=loader, val=loader, test=loader, epochs=12, lr=3e-3, seed=0,
+                 device=torch.device("cpu"))
     print(f"\ncrnn on synthetic strokes: seq_acc {result.test['seq_acc']:.3f}")
     assert result.test["seq_acc"] > 0.9
 

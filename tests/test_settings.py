@@ -37,12 +37,36 @@ def test_an_unknown_captrain_variable_is_an_error(monkeypatch):
      ("CAPTRAIN_VISIBILITY_TIMEOUT", "soon"),
      ("CAPTRAIN_VISIBILITY_TIMEOUT", "5"),
      ("CAPTRAIN_ARTIFACT_CHUNK_BYTES", "-1"),
+     ("CAPTRAIN_MAX_ATTEMPTS", "0"),
+     ("CAPTRAIN_TRAIN_CACHE_MIB", "-1"),
+     ("CAPTRAIN_PROGRESS_INTERVAL", "0"),
      ("CAPTRAIN_LOG_LEVEL", "LOUD")],
 )
 def test_invalid_values_name_the_variable(monkeypatch, name, value):
     monkeypatch.setenv(name, value)
     with pytest.raises(ConfigError, match=name):
         load_settings()
+
+
+def test_a_heartbeat_that_would_let_a_live_lease_go_stale_is_refused(monkeypatch):
+    monkeypatch.setenv("CAPTRAIN_HEARTBEAT_SECONDS", "100")
+    with pytest.raises(ConfigError, match="^invalid settings: heartbeat_seconds must be at "
+                                          "most half of lease_stale_seconds"):
+        load_settings()
+    monkeypatch.setenv("CAPTRAIN_LEASE_STALE_SECONDS", "200")
+    assert load_settings().heartbeat_seconds == 100
+
+
+def test_every_tunable_has_a_help_text_with_its_unit():
+    from shared.settings import Settings
+
+    for name, field in Settings.model_fields.items():
+        assert field.description, name
+    for name in ("lease_stale_seconds", "heartbeat_seconds", "visibility_timeout",
+                 "progress_interval"):
+        assert "second" in (Settings.model_fields[name].description or "").lower(), name
+    for name in ("train_cache_mib", "val_cache_mib"):
+        assert "MiB" in (Settings.model_fields[name].description or ""), name
 
 
 def test_plain_postgresql_urls_get_the_psycopg3_driver(monkeypatch):

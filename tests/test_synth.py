@@ -13,7 +13,7 @@ from PIL import Image
 from shared import shardfmt
 from shared.errors import ArtifactError, InputError
 from shared.images import load_rgb_bytes
-from workers.data import decode_item, decode_shard, read_pgm, to_grey
+from workers.codecs import decode_item, decode_shard, read_pgm, to_grey
 from workers.models import ModelConfig
 from workers.predict import Predictor
 from workers.synth import render_items

@@ -263,6 +263,8 @@ def plan_train(spec: TrainSpec) -> tuple[int, int]:
                 f"dataset {ds.name} is {ds.status}, not ready"
                 + ("; run `captrain shard` first" if ds.status == IMPORTED else "")
             )
+        # The stored spec names the model the run registers as, not "the default".
+        spec = spec.model_copy(update={"register": spec.register or ds.name})
         job = Job(kind="train", spec=spec.model_dump(), settings=_settings_record(),
                   dataset_id=ds.id)
         s.add(job)

@@ -6,6 +6,7 @@ from typing import Any
 
 from sqlalchemy import func, select
 
+from shared import registry
 from shared.db import session_scope
 from shared.schema import DONE, Dataset, Job, Metric, Model, Run, Shard
 from shared.state import get_job, get_run
@@ -102,6 +103,7 @@ def run_detail(run_id: int) -> dict[str, Any]:
             "per_epoch": list(epochs.values()),
             "test": model.metrics if model else None,
             "weights_sha256": model.weights_sha256 if model else None,
+            "registered": f"{model.name}@{model.version}" if model else None,
             "created": _iso(run.created_at), "finished": _iso(run.finished_at),
         }
 
@@ -115,3 +117,31 @@ def list_datasets() -> list[dict[str, Any]]:
              "created": _iso(d.created_at)}
             for d in rows
         ]
+
+
+def _model_dict(m: Model, aliases: list[str]) -> dict[str, Any]:
+    t = m.metrics
+    return {"name": m.name, "version": m.version, "ref": f"{m.name}@{m.version}",
+            "aliases": aliases, "run": m.run_id, "seq_acc": t.get("seq_acc"),
+            "char_acc": t.get("char_acc"), "cv_acc": t.get("cv_acc"),
+            "archived": m.archived, "created": _iso(m.created_at)}
+
+
+def list_models() -> list[dict[str, Any]]:
+    """Every version of every model, by name, newest version first."""
+    with session_scope() as s:
+        held = registry.aliases(s)
+        return [_model_dict(m, held.get(m.id, [])) for m in registry.versions(s)]
+
+
+def model_detail(ref: str) -> dict[str, Any]:
+    """The version ``ref`` names, with its test metrics, config and lineage. Raises
+    SpecError for a malformed ref, NotFound."""
+    with session_scope() as s:
+        m = registry.resolve(s, ref)
+        out = _model_dict(m, registry.aliases(s, [m.id]).get(m.id, []))
+        dataset = s.get(Dataset, m.dataset_id)
+        assert dataset is not None  # a foreign key
+        out.update(dataset=dataset.name, test=m.metrics, weights_sha256=m.weights_sha256,
+                   config=m.config, lineage=m.lineage)
+        return out

@@ -1,5 +1,6 @@
-"""Finding rows by what a user names them: a dataset by name, a model by reference,
-a finished run. Read-only; shared by the scheduler and the workers."""
+"""Finding rows by what a user names them: a dataset by name, a model by reference
+(through the registry), a finished run. Read-only; shared by the scheduler and the
+workers."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from shared.errors import NotFound, StateError
+from shared.registry import resolve
 from shared.schema import DONE, Dataset, Model, Run
 from shared.state import get_run
 
@@ -33,21 +35,9 @@ def finished_run(session: Session, run_id: int) -> tuple[Run, Dataset]:
 
 
 def find_model(session: Session, ref: str) -> Model:
-    """Resolve ``ref``: ``latest``, a run id, or a dataset name (its newest model).
+    """The model version ``ref`` names: ``latest``, a run id, NAME, NAME@VERSION or
+    NAME@ALIAS (``shared.registry.resolve``, which says what each means).
 
-    Raises NotFound when nothing matches.
+    Raises SpecError for a malformed reference, NotFound when nothing matches.
     """
-    query = select(Model).order_by(Model.created_at.desc(), Model.id.desc()).limit(1)
-    if ref == "latest":
-        row = session.execute(query).scalar_one_or_none()
-    elif ref.isdigit():
-        row = session.execute(
-            select(Model).where(Model.run_id == int(ref))
-        ).scalar_one_or_none()
-    else:
-        row = session.execute(
-            query.join(Dataset, Dataset.id == Model.dataset_id).where(Dataset.name == ref)
-        ).scalar_one_or_none()
-    if row is None:
-        raise NotFound(f"no trained model for {ref!r}")
-    return row
+    return resolve(session, ref)

@@ -3,7 +3,7 @@
 Redis only carries ids; everything needed to drive a job to completion again lives
 in these tables. Unique keys make every task's write an idempotent upsert:
 a shard is keyed by (job_id, index), a metric by (run_id, epoch, split, name), an
-artifact by its sha256.
+artifact by its sha256, a model version by (name, version), an alias by (name, alias).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     DateTime,
     Float,
     ForeignKey,
@@ -24,6 +25,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    false,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -168,17 +170,40 @@ class Metric(Base):
 
 
 class Model(Base):
-    """A trained model: safetensors weights plus the JSON config that reads images."""
+    """A trained model: safetensors weights plus the JSON config that reads images.
+
+    Each is one version of a named model (shared.registry): (name, version) is
+    unique, and versions of a name count from 1 in the order runs finished.
+    """
 
     __tablename__ = "models"
+    __table_args__ = (UniqueConstraint("name", "version", name="uq_models_name_version"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     run_id: Mapped[int] = mapped_column(ForeignKey("runs.id"), unique=True)
     dataset_id: Mapped[int] = mapped_column(ForeignKey("datasets.id"), index=True)
+    name: Mapped[str] = mapped_column(String(64))
+    version: Mapped[int] = mapped_column(Integer)
+    # An archived version is read only when named by version or run id.
+    archived: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     weights_sha256: Mapped[str] = mapped_column(ForeignKey("artifacts.sha256"))
     config: Mapped[dict[str, Any]] = mapped_column(JSON)
     metrics: Mapped[dict[str, Any]] = mapped_column(JSON)
+    # What produced it: dataset and shard hashes, spec, settings, versions, device.
+    lineage: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class ModelAlias(Base):
+    """A movable name (``production``) for one version of a model: one row per
+    (model name, alias), so moving the alias is an upsert of that row."""
+
+    __tablename__ = "model_aliases"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    alias: Mapped[str] = mapped_column(String(64), primary_key=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id"), index=True)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
 class Analysis(Base):
@@ -229,3 +254,28 @@ class ArtifactChunk(Base):
 
 
 Index("ix_runs_status", Run.status)
+
+
+class WorkerBeat(Base):
+    """A worker's last sign of life: its main process writes it every few seconds
+    (``workers.keeper``). Work a worker held whose beat has gone stale is lost."""
+
+    __tablename__ = "worker_beats"
+
+    name: Mapped[str] = mapped_column(String(255), primary_key=True)  # Celery hostname
+    pid: Mapped[int] = mapped_column(Integer)
+    queues: Mapped[str] = mapped_column(String(255))  # comma-separated
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    seen_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Recovery(Base):
+    """One thing the reconciler did for a job, in words that ``captrain watch``
+    shows: "shard 17 was held by w1@host, gone for 45 s; re-sent"."""
+
+    __tablename__ = "recoveries"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), index=True)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    message: Mapped[str] = mapped_column(Text)

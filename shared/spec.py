@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import string
+import warnings
 from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -175,6 +176,12 @@ MIN_INPUT = {"multihead": (16, 16), "cnn": (16, 16), "lenet": (12, 12), "crnn": 
 CRNN_COLUMNS_PER_STEP = 4  # an image crnn gives one CTC time step per 4 input columns
 
 
+# Pydantic models are ABCs, so a field named "register" hides ABCMeta.register on the
+# class, which no one calls on a spec; instances read the field as any other.
+warnings.filterwarnings("ignore", message='Field name "register" in "TrainSpec" shadows',
+                        category=UserWarning)
+
+
 class TrainSpec(_Spec):
     dataset: Name
     model: ModelName = "multihead"
@@ -197,8 +204,14 @@ class TrainSpec(_Spec):
     # process) off CUDA, and on CUDA up to 8, leaving a core to the trainer.
     loader_workers: int | None = Field(None, ge=0, le=64)
     compile: bool = False  # torch.compile the model (minutes of compiling first)
+    # auto: bf16 where the hardware computes it (CUDA; a CPU with AMX or AVX512-BF16),
+    # else fp32. workers.device.Speedups.for_device says what each choice turns on.
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
     # The accuracy preset these values came from (scheduler/presets.py), for the record.
     preset: Name | None = None
+    # The model name the finished run becomes the next version of (shared.registry).
+    # None: the dataset's name, which planning writes into the stored spec.
+    register: Name | None = None
 
 
 class ExploreSpec(_Spec):

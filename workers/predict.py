@@ -20,7 +20,7 @@ from shared.artifacts import read_verified
 from shared.db import session_scope
 from shared.errors import ArtifactError, CaptrainError, InputError
 from shared.images import load_rgb
-from shared.lookup import find_model
+from shared.registry import resolve
 from shared.shardfmt import Item
 from shared.spec import TABULAR_MODELS
 from workers.codecs import (
@@ -42,29 +42,33 @@ class Predictor:
     model: nn.Module
     cfg: ModelConfig
     run_id: int
+    name: str | None = None  # the registry's name and version of the model
+    version: int | None = None
 
     @classmethod
     def load(cls, ref: str) -> Predictor:
-        """Load the model named by ``ref`` (run id, dataset name or ``latest``).
+        """Load the model version ``ref`` names: NAME, NAME@VERSION, NAME@ALIAS, a run
+        id or ``latest`` (shared.registry).
 
-        Raises NotFound; InputError for a model that does not read images or audio
-        (Iris); ArtifactError if the weights fail their hash check or do not load.
+        Raises SpecError for a malformed ref, NotFound; InputError for a model that
+        does not read images or audio (Iris); ArtifactError if the weights fail their
+        hash check or do not load.
         """
         with session_scope() as s:
-            row = find_model(s, ref)
+            row = resolve(s, ref)
             if row.config.get("arch") in TABULAR_MODELS:
                 raise InputError(f"the model of run {row.run_id} classifies Iris rows; "
                                  "predict reads images and audio clips")
             blob = read_verified(s, row.weights_sha256)
             cfg = ModelConfig.from_dict(row.config)
-            run_id = row.run_id
+            run_id, name, version = row.run_id, row.name, row.version
         model = build_model(cfg)
         try:
             model.load_state_dict(safetensors.torch.load(blob))
         except (SafetensorError, RuntimeError, ValueError) as exc:
             raise ArtifactError(f"model of run {run_id} does not load: {exc}") from exc
         model.eval()
-        return cls(model, cfg, run_id)
+        return cls(model, cfg, run_id, name, version)
 
     def _image_input(self, im: Image.Image, name: str) -> torch.Tensor:
         # A user's digit photo becomes a 28x28 MNIST digit first; then both kinds are

@@ -18,6 +18,8 @@ from shared.errors import ConfigError, InputError
 from shared.spec import TrainSpec, default, validate
 
 commands = typer.Typer()
+RegisterOpt = Annotated[str | None, typer.Option(
+    help="The model name the finished run adds a version to (default: the dataset's).")]
 
 
 @commands.command()
@@ -55,13 +57,14 @@ def train(
     preset: Annotated[str | None, typer.Option(
         help="digits4 or digits-upper4: the model, epochs, lr, batch size, augmentation "
              "and scale of an accuracy target; options given here still win.")] = None,
+    register: RegisterOpt = default(TrainSpec, "register"),
     wait: WaitOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Train a recognizer on the gpu queue (captchas, audio, MNIST or Iris)."""
     from scheduler import presets
     from scheduler.plan import plan_train
-    from scheduler.submit import send_job
+    from shared.dispatch import send_job
 
     values: dict[str, Any] = {
         "model": model, "epochs": epochs, "batch_size": batch_size, "lr": lr,
@@ -71,7 +74,7 @@ def train(
         given = {k for k in values
                  if getattr(ctx.get_parameter_source(k), "name", "DEFAULT") != "DEFAULT"}
         values = presets.apply(preset, values, given)
-    spec = validate(TrainSpec, dataset=dataset, **values)
+    spec = validate(TrainSpec, dataset=dataset, register=register, **values)
     run_id, job_id = plan_train(spec)
     send_job(job_id)
     if not as_json and not wait:
@@ -85,7 +88,9 @@ def train(
 def predict(
     files: Annotated[list[Path], typer.Argument(
         help="Images (captchas, digit photos) or WAV clips, as the model reads.")],
-    model: Annotated[str, typer.Option(help="Run id, dataset name or latest.")] = "latest",
+    model: Annotated[str, typer.Option(
+        help="NAME (its newest version), NAME@VERSION, NAME@ALIAS, a run id or latest.")
+    ] = "latest",
     as_json: JsonOpt = False,
 ) -> None:
     """Print the text read from each image or clip, with its confidence."""
@@ -99,7 +104,9 @@ def predict(
     predictor = Predictor.load(model)
     results = predict_files(predictor, files)
     if as_json:
-        emit(results, True)
+        # Which version read the files: an alias or a bare name moves between versions.
+        which = {"model": f"{predictor.name}@{predictor.version}", "run": predictor.run_id}
+        emit([{**r, **which} for r in results], True)
     else:
         for r in results:
             if "error" in r:

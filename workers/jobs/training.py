@@ -19,8 +19,9 @@ from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from shared import registry
 from shared.artifacts import delete_if_unreferenced, put_bytes, read_verified
-from shared.db import insert_for, session_scope
+from shared.db import session_scope
 from shared.errors import StateError, StopRequested
 from shared.kinds import kind_of
 from shared.lease import acquire_run, heartbeat, release_run
@@ -129,24 +130,31 @@ class RunRecorder(Hooks):
 
     def finish(self, dataset_id: int, model: Any, config: dict[str, Any], epoch: int,
                test: dict[str, Any], resumed_from: int | None = None) -> None:
-        """Store the model's weights (safetensors) and config and the test metrics,
-        and mark the run and its job done, in one transaction."""
+        """Store the model's weights (safetensors), config and test metrics as the next
+        version of the run's model name, with its lineage, and mark the run and its
+        job done, in one transaction. A run already registered is left as it is."""
         import safetensors.torch
 
         weights = safetensors.torch.save(
             {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
             metadata={"config": json.dumps(config)},
         )
+        env = registry.environment()  # runs git: before the transaction holds locks
         with session_scope() as s:
+            if s.execute(select(Model.id).where(Model.run_id == self.run_id)).first():
+                return  # finished before: its version, metrics and status stand
             heartbeat(s, self.run_id, self.owner)
+            run = get_run(s, self.run_id)
+            spec = TrainSpec(**get_job(s, run.job_id).spec)
+            dataset = s.get(Dataset, dataset_id)
+            assert dataset is not None  # a foreign key
             sha = put_bytes(s, weights, MODEL_MEDIA_TYPE)
             upsert_metrics(s, self.run_id, epoch, "test", test)
-            s.execute(
-                insert_for(s)(Model)
-                .values(run_id=self.run_id, dataset_id=dataset_id, weights_sha256=sha,
-                        config=config, metrics=test, created_at=utcnow())
-                .on_conflict_do_nothing(index_elements=["run_id"])
-            )
+            # Specs stored before the registry name no model: the dataset's name.
+            registry.register(
+                s, run_id=self.run_id, name=spec.register or dataset.name,
+                dataset_id=dataset_id, weights_sha256=sha, config=config, metrics=test,
+                lineage=registry.lineage(s, self.run_id, test, env), created_at=utcnow())
             finish_run(s, self.run_id, resumed_from)
 
 
@@ -187,7 +195,8 @@ def _train_leased(run_id: int, owner: str, worker: str, progress: EpochProgress 
     try:
         result = fit(cfg, train=loaders["train"], val=loaders["val"], test=loaders["test"],
                      epochs=spec.epochs, lr=spec.lr, seed=spec.seed, device=device,
-                     resume=resume, hooks=recorder, compile=spec.compile)
+                     resume=resume, hooks=recorder, compile=spec.compile,
+                     precision=spec.precision)
     finally:
         loaders["train"].close()  # its DataLoader processes, if any
     recorder.finish(dataset.id, result.model, cfg.to_dict(), spec.epochs, result.test,

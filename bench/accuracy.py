@@ -61,7 +61,7 @@ def main() -> None:
 
     from scheduler import presets, watch
     from scheduler.plan import plan_generate, plan_train
-    from scheduler.submit import send_job
+    from shared.dispatch import send_job
     from shared.spec import GenerateSpec, TrainSpec, validate
 
     preset = presets.get(args.preset)

@@ -42,7 +42,7 @@ def main() -> None:
 
     from scheduler import watch
     from scheduler.plan import plan_generate, plan_train
-    from scheduler.submit import send_job
+    from shared.dispatch import send_job
     from shared.spec import GenerateSpec, TrainSpec, validate
 
     gspec = validate(GenerateSpec, name="gpu-bench", count=args.images, length=4,

@@ -68,7 +68,7 @@ def generate_then_train(home: Path, gspec: Any, tspec: Any, cpu_processes: int =
 
     from scheduler import watch
     from scheduler.plan import plan_generate, plan_train
-    from scheduler.submit import send_job
+    from shared.dispatch import send_job
 
     quiet = Console(quiet=True)
     t0 = time.monotonic()

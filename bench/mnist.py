@@ -43,7 +43,7 @@ def main() -> None:
     from scheduler import status, watch
     from scheduler.mnist import plan_mnist, scan_mnist
     from scheduler.plan import plan_train
-    from scheduler.submit import send_job
+    from shared.dispatch import send_job
     from shared.spec import TrainSpec, validate
 
     folder = args.folder

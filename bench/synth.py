@@ -111,8 +111,8 @@ def job_rate(n: int, shard_size: int, processes: int, tag: str, image_format: st
     finished (so the benchmark can poll slowly and take no CPU from the workers)."""
     from scheduler import watch
     from scheduler.plan import plan_generate
-    from scheduler.submit import send_job
     from shared.db import session_scope
+    from shared.dispatch import send_job
     from shared.schema import Job
     from shared.spec import GenerateSpec, validate
 

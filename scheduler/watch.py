@@ -1,7 +1,9 @@
 """Following a job to its end from SQL, with rich progress bars.
 
 Progress is read from the shard and run tables, never from the broker, so it shows
-the truth even when messages are redelivered. Ctrl-C detaches; the job goes on.
+the truth even when messages are redelivered. What the reconciler re-sent for the
+job is printed as it happens, and when progress stalls, the reason: a worker gone,
+or no live worker serving the job's queue. Ctrl-C detaches; the job goes on.
 """
 
 from __future__ import annotations
@@ -21,9 +23,34 @@ from rich.progress import (
 )
 from sqlalchemy import func, select
 
+from shared import liveness
 from shared.db import session_scope
-from shared.schema import DONE, Metric, Run, Shard
+from shared.schema import DONE, RUNNING, Metric, Run, Shard, utcnow
 from shared.state import ENDED, get_job
+
+STALL_S = 20.0  # seconds without progress before watch says why
+
+
+def stall_reasons(job_id: int, kind: str) -> list[str]:
+    """Why job ``job_id`` may be making no progress, in words: its work held by a
+    worker whose heartbeat stopped, or no live worker serving its queue."""
+    queue = "gpu" if kind == "train" else "cpu"
+    seen, now = liveness.last_seen(), utcnow()
+    live = liveness.alive(seen, now)
+    with session_scope() as s:
+        if kind == "train":
+            held = [(f"run {i}", w) for i, w in s.execute(
+                select(Run.id, Run.worker).where(Run.job_id == job_id, Run.status == RUNNING))]
+        else:
+            held = [(f"shard {i}", w) for i, w in s.execute(
+                select(Shard.index, Shard.worker)
+                .where(Shard.job_id == job_id, Shard.status == RUNNING))]
+    reasons = [f"{what} was held by {w}, gone for {(now - seen[w]).total_seconds():.0f} s; "
+               "the reconciler re-sends it" for what, w in held if w in seen and w not in live]
+    if not liveness.serving(queue):
+        reasons.append(f"no live worker serves the {queue} queue "
+                       f"(start one: captrain worker -Q {queue})")
+    return reasons
 
 
 def _poll(job_id: int) -> dict[str, Any]:
@@ -53,8 +80,10 @@ def _poll(job_id: int) -> dict[str, Any]:
         return state
 
 
-def wait(job_id: int, console: Console, interval: float = 0.5, quiet: bool = False) -> str:
-    """Block until the job ends; return its final status. Raises NotFound."""
+def wait(job_id: int, console: Console, interval: float = 0.5, quiet: bool = False,
+         stall_s: float = STALL_S) -> str:
+    """Block until the job ends; return its final status. Says what the reconciler
+    re-sent, and why progress stalls after ``stall_s`` seconds. Raises NotFound."""
     state = _poll(job_id)
     unit = "epochs" if state["kind"] == "train" else "shards"
     columns = [
@@ -62,7 +91,8 @@ def wait(job_id: int, console: Console, interval: float = 0.5, quiet: bool = Fal
         TaskProgressColumn(), TextColumn("{task.fields[info]}"),
         TimeElapsedColumn(), TimeRemainingColumn(),
     ]
-    started = time.monotonic()
+    started = last_move = said = time.monotonic()
+    notes_seen, progress = 0, (state["done"], state.get("items"))
     with Progress(*columns, console=console, disable=quiet, transient=False) as bar:
         task = bar.add_task(f"job {job_id} {state['kind']} ({unit})", total=state["total"],
                             info="")
@@ -80,4 +110,15 @@ def wait(job_id: int, console: Console, interval: float = 0.5, quiet: bool = Fal
                 break
             time.sleep(interval)
             state = _poll(job_id)
+            for note_id, _at, message in liveness.notes(job_id, notes_seen):
+                notes_seen = note_id
+                bar.console.print(f"job {job_id}: {message}")
+            now = time.monotonic()
+            if (state["done"], state.get("items")) != progress:
+                progress, last_move = (state["done"], state.get("items")), now
+            elif now - last_move > stall_s and now - said > stall_s:
+                said = now
+                for reason in stall_reasons(job_id, state["kind"]):
+                    bar.console.print(f"job {job_id}: no progress for "
+                                      f"{now - last_move:.0f} s: {reason}")
     return str(state["status"])

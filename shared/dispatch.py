@@ -1,7 +1,10 @@
-"""Sending task messages, after the rows they name are committed; and reconcile.
+"""Sending task messages, after the rows they name are committed: the one door for
+submission, ``retry``, ``reconcile`` and ``demo``.
 
 Messages carry ids only. If the broker is down at submission, the job stays
-recorded in SQL and ``captrain reconcile`` sends its messages later.
+recorded in SQL and the reconciler (``shared.reconcile``) sends its messages later.
+Each message sent is recorded as queued (``shared.inflight``), so that a reconcile
+never copies work that merely waits in a queue.
 """
 
 from __future__ import annotations
@@ -16,12 +19,13 @@ from kombu.exceptions import OperationalError as KombuOperationalError
 from redis.exceptions import RedisError
 from sqlalchemy import select
 
+from shared import inflight
 from shared.celery_app import EXPLORE, GENERATE_SHARD, REPORT, SPLIT_SHARD, TRAIN, app
 from shared.db import session_scope
 from shared.errors import BrokerUnavailable
-from shared.schema import PENDING, RUNNING, Job, Run, Shard
+from shared.schema import PENDING, RUNNING, Run, Shard
 from shared.spec import TrainSpec
-from shared.state import ENDED, complete_if_analysed, complete_if_done, get_job
+from shared.state import ENDED, get_job
 
 SHARD_TASKS = {"generate": GENERATE_SHARD, "split": SPLIT_SHARD}
 # Jobs that are one task, with no shard or run rows: the task's result is their
@@ -96,12 +100,16 @@ def _signature(name: str, args: tuple[Any, ...], time_limit: int) -> Any:
 def send(work: Work, skip: set[tuple[str, tuple[Any, ...]]] | None = None) -> int:
     """Send the messages of ``work``, but those in ``skip``. Returns how many were
     sent. Raises BrokerUnavailable (the job stays recorded in SQL)."""
-    sigs = [_signature(name, args, work.time_limit) for name, args in work.messages()
-            if (name, args) not in (skip or set())]
+    messages = [(name, args) for name, args in work.messages()
+                if (name, args) not in (skip or set())]
+    sigs = [_signature(name, args, work.time_limit) for name, args in messages]
     if len(sigs) == 1:
         _send(sigs[0].apply_async, work.job_id)
     elif sigs:
         _send(lambda: group(sigs).apply_async(), work.job_id)
+    # After publishing: a marker without its message would hide lost work, while a
+    # message without its marker (a crash in between) is at worst sent once more.
+    inflight.mark_queued(inflight.key(name, args) for name, args in messages)
     return len(sigs)
 
 
@@ -120,53 +128,3 @@ def inspector(timeout: float) -> Iterator[Any]:
     inherited pool after the fork."""
     with app.connection_for_write() as conn:
         yield app.control.inspect(timeout=timeout, connection=conn)
-
-
-def held_by_live_workers(timeout: float = 1.0) -> set[tuple[str, tuple[Any, ...]]]:
-    """(task name, args) of each task a live worker runs, holds reserved, or holds
-    for a retry's countdown: its message is not lost. A worker that does not answer
-    within ``timeout`` holds nothing. Raises BrokerUnavailable."""
-    try:
-        with inspector(timeout) as insp:
-            active, reserved, scheduled = insp.active(), insp.reserved(), insp.scheduled()
-    except (KombuOperationalError, RedisError, OSError) as exc:
-        raise BrokerUnavailable(f"broker unreachable ({exc})") from exc
-    requests = [t for reply in (active, reserved) for tasks in (reply or {}).values()
-                for t in tasks]
-    requests += [e["request"] for entries in (scheduled or {}).values() for e in entries]
-    return {(t["name"], tuple(t["args"])) for t in requests
-            if isinstance(t.get("args"), (list, tuple))}
-
-
-def reconcile() -> dict[str, int]:
-    """Re-send the messages of every unfinished job, from what SQL holds.
-
-    Safe to run at any time: tasks are idempotent, so a message that was not lost
-    only causes a no-op second run. What a live worker runs or holds now is not
-    re-sent (``held``): a copy would start beside it, and count an attempt against
-    the limit that stops poison messages. Returns counts of re-sent shards, runs and
-    analyses (explore and report tasks), and of held tasks left alone. An explore or
-    report job whose analysis is stored already is complete: it is marked done, not
-    run again. Raises BrokerUnavailable.
-    """
-    with session_scope() as s:
-        ids = s.execute(select(Job.id).where(Job.status.in_([PENDING, RUNNING]))
-                        .order_by(Job.id)).scalars().all()
-    works = [outstanding(job_id) for job_id in ids]
-    # After the SQL read: a task that starts in between is seen as held.
-    held = held_by_live_workers()
-    sent = {"shards": 0, "runs": 0, "analyses": 0, "held": 0}
-    for work in works:
-        if work.kind in SHARD_TASKS and not work.shards:
-            # Every shard done but the job not marked: its last worker died between
-            # the two commits.
-            complete_if_done(work.job_id)
-        if work.analysis and complete_if_analysed(work.job_id):
-            continue
-        wanted = work.messages()
-        n = send(work, skip=held)
-        sent["held"] += len(wanted) - n
-        counter = ("shards" if work.kind in SHARD_TASKS
-                   else "runs" if work.run_id is not None else "analyses")
-        sent[counter] += n
-    return sent

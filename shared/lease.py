@@ -16,6 +16,7 @@ from typing import Any
 from sqlalchemy import case, or_, select, update
 from sqlalchemy.orm import Session
 
+from shared import liveness
 from shared.db import session_scope
 from shared.errors import Cancelled, LeaseLost
 from shared.schema import CANCELLED, Run, utcnow
@@ -36,6 +37,15 @@ def _owner_is_dead(owner: str) -> bool:
     return False
 
 
+def _worker_is_dead(worker: str | None) -> bool:
+    """Whether the Celery worker ``worker`` beat once and has gone silent since: on any
+    host, a run it held can be taken over without waiting for its lease to go stale."""
+    if worker is None:
+        return False
+    seen = liveness.last_seen()
+    return worker in seen and worker not in liveness.alive(seen)
+
+
 def acquire_run(run_id: int, owner: str, count_attempt: bool = True) -> str:
     """Take the lease of a run for ``owner`` ("host:pid"), counting an attempt if
     ``count_attempt`` (a Celery retry goes on with one already counted).
@@ -54,7 +64,7 @@ def acquire_run(run_id: int, owner: str, count_attempt: bool = True) -> str:
         attempts, job_id, holder = run.attempts, run.job_id, run.lease_owner
         free = or_(Run.lease_owner.is_(None), Run.lease_owner == owner,
                    Run.heartbeat_at < stale)
-        if holder is not None and _owner_is_dead(holder):
+        if holder is not None and (_owner_is_dead(holder) or _worker_is_dead(run.worker)):
             free = or_(free, Run.lease_owner == holder)
         got = admit_attempt(s, Run, run_id, attempts, count_attempt,
                             Run.status.notin_(ENDED), free,

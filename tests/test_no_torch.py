@@ -27,7 +27,7 @@ def test_the_blocker_really_blocks_torch():
 
 
 def test_scheduler_cli_imports_without_torch():
-    r = _run("import scheduler.cli, scheduler.plan, scheduler.submit, scheduler.status\n"
+    r = _run("import scheduler.cli, scheduler.plan, shared.dispatch, scheduler.status\n"
              "import shared.celery_app, shared.artifacts, shared.images\nprint('ok')")
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "ok"

@@ -24,6 +24,7 @@ from celery.signals import worker_init
 from celery.utils.log import get_task_logger
 from celery.utils.time import get_exponential_backoff_interval
 
+from shared import inflight
 from shared.celery_app import EXPLORE, GENERATE_SHARD, PING, REPORT, SPLIT_SHARD, TRAIN, app
 from shared.db import dispose_all, get_engine
 from shared.errors import (
@@ -36,6 +37,7 @@ from shared.errors import (
 )
 from shared.settings import get_settings
 from shared.state import fail_job
+from workers import keeper  # noqa: F401  (its signals: heartbeat, reconciler, markers)
 from workers.jobs import analyses, shards, training
 
 log = get_task_logger(__name__)
@@ -103,8 +105,10 @@ class CaptrainTask(Task):
             log.error("dropping task for job %s: %s", job_id, exc)
             return None
         except StopRequested as exc:
-            # The worker is shutting down and the run checkpointed: back to the queue.
+            # The worker is shutting down and the run checkpointed: back to the queue,
+            # where the reconciler must see it waiting.
             log.warning("job %s: %s; requeued", job_id, exc)
+            inflight.mark_queued([inflight.key(self.name, self.request.args or ())])
             raise Reject(str(exc), requeue=True) from exc
         except SoftTimeLimitExceeded:
             fail_job(job_id, "time limit reached; the last checkpoint is kept for a retry")

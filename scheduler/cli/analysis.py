@@ -27,7 +27,7 @@ def explore(
     --out DIR writes sepal-scatter.png, pairplot.png, stats.csv and covariance.csv.
     """
     from scheduler import analysis
-    from scheduler.submit import send_job
+    from shared.dispatch import send_job
 
     analysis.check_out_dir(out)
     job_id = analysis.plan_explore(dataset)
@@ -58,7 +58,7 @@ def report(
     """Training curves, a grid of test predictions and per-position confusion
     matrices of a finished run, with an index.html; rendered on a cpu worker."""
     from scheduler import analysis
-    from scheduler.submit import send_job
+    from shared.dispatch import send_job
 
     rid = parse_id(run_id, "run")
     analysis.check_out_dir(out)

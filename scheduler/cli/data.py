@@ -51,7 +51,7 @@ def generate(
 ) -> None:
     """Synthesize an image or audio captcha dataset across the cpu workers."""
     from scheduler.plan import plan_generate
-    from scheduler.submit import send_job
+    from shared.dispatch import send_job
 
     spec = validate(GenerateSpec, name=name, count=count, kind=kind, length=length,
                     min_length=min_length, charset=charset,
@@ -128,7 +128,7 @@ def shard(
 ) -> None:
     """Split an imported dataset into seeded train/val/test shards on the workers."""
     from scheduler.plan import plan_split
-    from scheduler.submit import send_job
+    from shared.dispatch import send_job
 
     spec = validate(SplitSpec, dataset=dataset, split=Split.parse(split),
                     shard_size=shard_size, seed=seed)

@@ -82,7 +82,7 @@ def cancel(job_id: str, as_json: JsonOpt = False) -> None:
 def retry(job_id: str, wait: WaitOpt = False, as_json: JsonOpt = False) -> None:
     """Re-run what a failed or cancelled job left undone (training resumes from its
     checkpoint)."""
-    from scheduler.submit import send_job
+    from shared.dispatch import send_job
     from shared.state import reopen_job
 
     jid = parse_id(job_id, "job")
@@ -97,10 +97,11 @@ def reconcile_cmd(
     every: Annotated[float | None, typer.Option(
         help="Repeat every this many seconds (for a service); Ctrl-C stops.")] = None,
 ) -> None:
-    """Re-send the messages of unfinished jobs from SQL (after a broker restart)."""
+    """Re-send the lost messages of unfinished jobs from SQL (workers do this by
+    themselves every few seconds; this is one pass by hand)."""
     import time
 
-    from scheduler.submit import reconcile
+    from shared.reconcile import reconcile
 
     if every is not None and every < 10:
         raise SpecError("--every must be at least 10 seconds")
@@ -110,8 +111,8 @@ def reconcile_cmd(
             emit(sent, True)
         else:
             console.print(f"re-sent {sent['shards']} shard tasks, {sent['runs']} runs and "
-                          f"{sent['analyses']} analyses; left {sent['held']} that live "
-                          "workers hold")
+                          f"{sent['analyses']} analyses; left {sent['queued']} waiting in "
+                          f"queues and {sent['held']} that live workers hold")
         if every is None:
             return
         time.sleep(every)

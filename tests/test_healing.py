@@ -1,0 +1,131 @@
+"""Self-healing: a dead worker's work re-runs by itself, with no command by hand, and
+a reconcile never copies work that waits in a queue."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import redis
+from conftest import ON_POSTGRES, _reset_process_caches, wait_for
+from rich.console import Console
+from sqlalchemy import select
+from typer.testing import CliRunner
+
+from scheduler import watch
+from scheduler.cli import app
+from shared.db import session_scope
+from shared.schema import Recovery, Shard
+
+pytestmark = pytest.mark.integration
+runner = CliRunner()
+
+
+def _ok(args: list[str]) -> dict:
+    result = runner.invoke(app, [*args, "--json"])
+    assert result.exit_code == 0, result.output
+    import json
+
+    return json.loads(result.output)
+
+
+def _shards(job_id: int) -> list[Shard]:
+    with session_scope() as s:
+        return list(s.execute(select(Shard).where(Shard.job_id == job_id)
+                              .order_by(Shard.index)).scalars())
+
+
+def _notes(job_id: int) -> list[str]:
+    with session_scope() as s:
+        return list(s.execute(select(Recovery.message).where(Recovery.job_id == job_id)
+                              .order_by(Recovery.id)).scalars())
+
+
+def _heals_after_a_worker_dies(env: dict[str, str], start_worker) -> None:
+    """Two cpu workers; one is killed with its whole process group mid-job; a fresh
+    one starts. The job completes with no command by hand, within 2 minutes of the
+    fresh worker's start, with the hashes of an undisturbed render."""
+    first = start_worker(env, queues="cpu", concurrency=1)
+    start_worker(env, queues="cpu", concurrency=1)
+    job = _ok(["generate", "--name", "heal", "--count", "3000", "--shard-size", "100",
+               "--seed", "11"])["job"]
+    wait_for(lambda: any(sh.status == "running" and sh.worker and
+                         sh.worker.startswith(first.name.split("@")[0])
+                         for sh in _shards(job)), 120, interval=0.05,
+             what="a shard rendering on the worker to kill")
+    os.killpg(first.proc.pid, signal.SIGKILL)  # the whole worker, as if its host died
+    first.proc.wait()
+    said = io.StringIO()
+    watcher = threading.Thread(target=watch.wait, args=(job, Console(file=said, width=200)),
+                               kwargs={"interval": 0.5, "stall_s": 5}, daemon=True)
+    watcher.start()
+    start_worker(env, queues="cpu", concurrency=1)
+    fresh = time.monotonic()
+    wait_for(lambda: all(sh.status == "done" for sh in _shards(job)), 120,
+             what="every shard done with no command by hand")
+    took = time.monotonic() - fresh
+    watcher.join(30)
+    notes = _notes(job)
+    print(f"\nhealed {took:.0f} s after the fresh worker started; notes: {notes}")
+    # `captrain watch` said why it stalled and what was re-sent.
+    assert f"job {job}: shard" in said.getvalue() and "re-sent" in said.getvalue(), \
+        said.getvalue()
+    assert _ok(["job", str(job)])["status"] == "done"
+    assert any("was held by" in n and "re-sent" in n for n in notes), notes
+    from test_faults import _clean_hashes
+
+    assert [sh.sha256 for sh in _shards(job)] == _clean_hashes(job)
+
+
+@ON_POSTGRES
+def test_a_dead_workers_shard_reruns_by_itself_on_redis_and_postgresql(backend,
+                                                                      start_worker):
+    _heals_after_a_worker_dies(backend, start_worker)
+
+
+def test_a_dead_workers_shard_reruns_by_itself_on_the_embedded_default(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, start_worker):
+    from shared import embedded
+    from shared.settings import get_settings
+
+    for k in [k for k in os.environ if k.startswith("CAPTRAIN_")]:
+        monkeypatch.delenv(k)
+    env = {"CAPTRAIN_HOME": str(tmp_path / "home")}
+    monkeypatch.setenv("CAPTRAIN_HOME", env["CAPTRAIN_HOME"])
+    _reset_process_caches()
+    try:
+        _heals_after_a_worker_dies(env, start_worker)
+    finally:
+        embedded.stop(get_settings())
+        _reset_process_caches()
+
+
+@ON_POSTGRES
+def test_reconciles_over_a_backlog_add_no_copy(backend):
+    job = _ok(["generate", "--name", "backlog", "--count", "1200", "--shard-size", "10"])
+    queue = redis.Redis.from_url(backend["CAPTRAIN_BROKER_URL"])
+    assert queue.llen("cpu") == 120  # no worker: every message waits
+    for _ in range(3):
+        sent = _ok(["reconcile"])
+        assert (sent["shards"], sent["queued"]) == (0, 120), sent
+    assert queue.llen("cpu") == 120
+    assert _ok(["job", str(job["job"])])["status"] == "pending"
+
+
+@ON_POSTGRES
+def test_watch_says_when_no_live_worker_serves_the_queue(backend, start_worker):
+    job = _ok(["generate", "--name", "idle", "--count", "200", "--shard-size", "100"])["job"]
+    said = io.StringIO()
+    watcher = threading.Thread(target=watch.wait, args=(job, Console(file=said, width=200)),
+                               kwargs={"interval": 0.2, "stall_s": 1}, daemon=True)
+    watcher.start()
+    wait_for(lambda: "no live worker serves the cpu queue" in said.getvalue(), 30,
+             what="watch to say why nothing moves")
+    start_worker(backend, queues="cpu", concurrency=1)
+    watcher.join(120)
+    assert not watcher.is_alive() and _ok(["job", str(job)])["status"] == "done"

@@ -1,11 +1,12 @@
-"""Training data path: samples/s of the train job's path (shards from the SQL store,
-PNG decoding, transforms, batching) against a bare torch loop on in-memory tensors,
-with the same model, optimizer and device, side by side in this process.
+"""The train job against two bare torch loops, side by side in this process, on the
+same images, model, batch and threads:
 
-    python bench/train.py [--images 4000] [--epochs 2] [--batch-size 64]
+- the fp32 NCHW loop a user would write (``ratio_vs_fp32_plain``: what captrain's
+  speedups and data path give over it), and
+- a bare loop with the train job's own speedups (``ratio_vs_same_speedups``: what
+  streaming shards from SQL, decoding, metrics and checkpoints cost).
 
-Also prints this process's peak RSS. With ``--cache-mb 0`` every epoch streams and
-decodes every shard again (the path a dataset larger than the cache takes).
+    python bench/train.py [--images 4000] [--epochs 2] [--precision auto] [--json]
 
     python bench/train.py --rss 25000,200000
 
@@ -22,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -41,7 +41,7 @@ HOME = Path(os.environ["CAPTRAIN_HOME"]) if "--rss-child" in sys.argv else isola
 def make_dataset(n: int, name: str = "bench-train", shard_size: int = 250) -> str:
     from scheduler import watch
     from scheduler.plan import plan_generate
-    from scheduler.submit import send_job
+    from shared.dispatch import send_job
     from shared.spec import GenerateSpec, validate
 
     spec = validate(GenerateSpec, name=name, count=n, length=4, charset="digits",
@@ -142,7 +142,8 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=4000)
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--cache-mb", type=int, default=512)
+    ap.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto")
+    ap.add_argument("--json", action="store_true", help="last line: one JSON object")
     ap.add_argument("--rss", help="dataset sizes, comma-separated: peak RSS per size")
     ap.add_argument("--rss-child", nargs=2, metavar=("DATASET", "CACHE"),
                     help=argparse.SUPPRESS)
@@ -151,7 +152,71 @@ def main() -> None:
         return rss_child(*args.rss_child)
     if args.rss:
         return rss([int(n) for n in args.rss.split(",")])
+    compare(args)
 
+
+def _bare_loop(cfg, fast, X, Y, epochs: int, batch_size: int) -> float:
+    """samples/s of a bare training loop over in-memory uint8 tensors: the loop a user
+    would write, with the model, optimizer, schedule and batch of the train job, and
+    the speedups ``fast`` (workers.device.Speedups)."""
+    import torch
+
+    from workers.loop import forward_loss
+    from workers.models import build_model
+
+    torch.manual_seed(0)
+    device = torch.device("cpu")
+    model = build_model(cfg)
+    if fast.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-4)
+    steps = epochs * -(-len(X) // batch_size)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps,
+                                                pct_start=0.2)
+    model.train()
+    seen, t0 = 0, time.perf_counter()
+    for e in range(epochs):
+        perm = torch.randperm(len(X), generator=torch.Generator().manual_seed(e))
+        for b in range(0, len(perm), batch_size):
+            idx = perm[b : b + batch_size]
+            _, loss = forward_loss(model, X[idx], Y[idx], device, cfg, fast)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            seen += len(idx)
+    return seen / (time.perf_counter() - t0)
+
+
+def _train_job(name: str, epochs: int, batch_size: int, precision: str) -> dict:
+    """The worker's own train job (workers.jobs.training.train_run) in this process:
+    shards streamed from SQL, decoded, batched, trained, metrics and checkpoints
+    stored. Returns its mean training samples/s over the epochs and its speedups."""
+    from sqlalchemy import select
+
+    from scheduler.plan import plan_train
+    from shared.db import session_scope
+    from shared.schema import Metric
+    from shared.spec import TrainSpec, validate
+    from workers.jobs import training
+
+    spec = validate(TrainSpec, dataset=name, epochs=epochs, batch_size=batch_size,
+                    device="cpu", precision=precision)
+    run_id, _ = plan_train(spec)
+    assert training.train_run(run_id, "bench-train") is not None
+    with session_scope() as s:
+        rows = s.execute(select(Metric.epoch, Metric.name, Metric.value).where(
+            Metric.run_id == run_id, Metric.split == "train")).all()
+    per_epoch = {e: v for e, n, v in rows if n == "samples_per_s"}
+    flags = {n: bool(v) for e, n, v in rows if e == 1 and n in (
+        "bf16", "channels_last", "compiled")}
+    return {"samples_per_s": sum(per_epoch.values()) / len(per_epoch), "speedups": flags}
+
+
+def compare(args: argparse.Namespace) -> None:
+    """The train job against two bare loops on the same data, model, batch and
+    threads, in this process: the fp32 NCHW loop a user would write, and a loop with
+    the train job's own speedups (what the data path and bookkeeping cost)."""
     import torch
     from sqlalchemy import select
 
@@ -159,10 +224,9 @@ def main() -> None:
     from shared.db import session_scope
     from shared.lookup import find_dataset
     from shared.schema import Shard
-    from workers.codecs import decode_shard, normalize
-    from workers.loader import ShardLoader
-    from workers.loop import _loss
-    from workers.models import ModelConfig, build_model
+    from workers.codecs import decode_shard
+    from workers.device import PLAIN, Speedups
+    from workers.models import ModelConfig
 
     name = make_dataset(args.images)
     with session_scope() as s:
@@ -172,60 +236,38 @@ def main() -> None:
         ).scalars())
         cfg = ModelConfig(charset=ds.charset, length=ds.length, in_height=30, in_width=80,
                           image_height=ds.height, image_width=ds.width)
-
-    def fetch(sha: str) -> bytes:
-        with session_scope() as s:
-            return read_verified(s, sha)
-
-    def step(model, opt, x, y) -> None:
-        loss = _loss(model(normalize(x, cfg)), y, cfg)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    def run(batches_of_epoch) -> float:
-        torch.manual_seed(0)
-        model = build_model(cfg)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-        model.train()
-        seen = 0
-        t0 = time.perf_counter()
-        for e in range(args.epochs):
-            for x, y in batches_of_epoch(e):
-                step(model, opt, x, y)
-                seen += len(y)
-        return seen / (time.perf_counter() - t0)
-
-    # Baseline: everything decoded into memory beforehand (not timed), then a bare loop.
-    parts = [decode_shard(fetch(sha), cfg) for sha in shas]
+        parts = [decode_shard(read_verified(s, sha), cfg) for sha in shas]
     X = torch.cat([p[0] for p in parts])
     Y = torch.cat([p[1] for p in parts])
-
-    def in_memory(e: int):
-        perm = torch.randperm(len(X), generator=torch.Generator().manual_seed(e))
-        for b in range(0, len(perm), args.batch_size):
-            idx = perm[b : b + args.batch_size]
-            yield X[idx], Y[idx]
-
-    streamed = ShardLoader(shas, fetch, cfg, args.batch_size, cache_bytes=0)
-    cached = ShardLoader(shas, fetch, cfg, args.batch_size,
-                         cache_bytes=args.cache_mb * 1024 * 1024)
-    base = run(in_memory)
-    stream_rate = run(streamed.epoch)
-    cache_rate = run(cached.epoch)
-    base2 = run(in_memory)  # again, to show the noise between identical runs
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"machine: {machine()}")
-    print(f"train split: {len(X)} images in {len(shas)} shards, {args.epochs} epochs, "
-          f"batch {args.batch_size}, {torch.get_num_threads()} torch threads")
-    print(f"bare loop on in-memory tensors:       {base:7.1f} samples/s "
-          f"(repeat: {base2:.1f})")
-    print(f"data path, streamed every epoch:      {stream_rate:7.1f} samples/s")
-    print(f"data path, decoded-shard cache:       {cache_rate:7.1f} samples/s")
-    mean_base = (base + base2) / 2
-    print(f"data-path ratio, streamed: {stream_rate / mean_base:.3f}; "
-          f"cached: {cache_rate / mean_base:.3f}")
-    print(f"peak RSS of this process: {peak:.0f} MB")
+    fast = Speedups.for_device(torch.device("cpu"), precision=args.precision)
+    # Interleaved, so that a drift of the machine's speed hits every side alike.
+    plain = [_bare_loop(cfg, PLAIN, X, Y, args.epochs, args.batch_size)]
+    same = [_bare_loop(cfg, fast, X, Y, args.epochs, args.batch_size)]
+    job = _train_job(name, args.epochs, args.batch_size, args.precision)
+    same.append(_bare_loop(cfg, fast, X, Y, args.epochs, args.batch_size))
+    plain.append(_bare_loop(cfg, PLAIN, X, Y, args.epochs, args.batch_size))
+    mean_plain, mean_same = sum(plain) / 2, sum(same) / 2
+    out = {
+        "machine": machine(), "images": args.images, "train_images": len(X),
+        "epochs": args.epochs, "batch_size": args.batch_size,
+        "threads": torch.get_num_threads(), "precision": args.precision,
+        "speedups": job["speedups"], "samples_per_s": round(job["samples_per_s"], 1),
+        "fp32_plain_samples_per_s": [round(v, 1) for v in plain],
+        "same_speedups_samples_per_s": [round(v, 1) for v in same],
+        "ratio_vs_fp32_plain": round(job["samples_per_s"] / mean_plain, 3),
+        "ratio_vs_same_speedups": round(job["samples_per_s"] / mean_same, 3),
+    }
+    print(f"machine: {out['machine']}; {out['threads']} torch threads")
+    print(f"train split {len(X)} images, {args.epochs} epochs, batch {args.batch_size}, "
+          f"speedups {job['speedups']}")
+    print(f"train job (SQL shards, decoding, metrics, checkpoints): "
+          f"{job['samples_per_s']:8.1f} samples/s")
+    print(f"bare loop, fp32 NCHW (before, after):   {plain[0]:8.1f} {plain[1]:8.1f}")
+    print(f"bare loop, same speedups (before, after): {same[0]:8.1f} {same[1]:8.1f}")
+    print(f"ratio vs fp32 plain loop: {out['ratio_vs_fp32_plain']:.3f}; "
+          f"vs the same speedups: {out['ratio_vs_same_speedups']:.3f}")
+    if args.json:
+        print(json.dumps(out))
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from shared import shardfmt
 from workers import checkpoint
-from workers.device import Speedups
+from workers.device import Speedups, cpu_has_bf16
 from workers.loader import ShardLoader, loader_workers
 from workers.loop import Hooks, _loss, fit
 from workers.models import PAD, ModelConfig, build_model, decode
@@ -97,11 +97,25 @@ def test_loader_workers_default_to_none_off_cuda_and_some_on_cuda():
     assert loader_workers(3, CPU) == 3
 
 
-def test_cuda_turns_every_speedup_on_and_other_devices_none():
+def test_cuda_turns_every_speedup_on_and_the_cpu_bf16_only_where_the_hardware_has_it():
     on = Speedups.for_device(torch.device("cuda"))
     assert on.bf16 and on.channels_last and on.cudnn_benchmark and not on.compiled
-    assert Speedups.for_device(CPU) == Speedups()
+    cpu = Speedups.for_device(CPU)
+    assert cpu == (Speedups(bf16=True, channels_last=True) if cpu_has_bf16() else Speedups())
     assert Speedups.for_device(torch.device("mps"), compile=True) == Speedups(compiled=True)
+    assert Speedups.for_device(CPU, precision="fp32") == Speedups()
+    assert Speedups.for_device(CPU, precision="bf16") == Speedups(bf16=True, channels_last=True)
+    assert not Speedups.for_device(torch.device("cuda"), precision="fp32").bf16
+
+
+@pytest.mark.parametrize(("flags", "has"), [
+    ("fpu sse avx avx2", False), ("fpu avx2 avx512f avx512_bf16", True),
+    ("fpu avx512f amx_tile amx_bf16 amx_int8", True), ("fpu avx512f avx512bw", False)])
+def test_bf16_hardware_is_read_from_the_cpu_flags(tmp_path, flags, has):
+    info = tmp_path / "cpuinfo"
+    info.write_text(f"processor\t: 0\nmodel name\t: X\nflags\t\t: {flags}\n\n")
+    assert cpu_has_bf16.__wrapped__(info) is has
+    assert cpu_has_bf16.__wrapped__(tmp_path / "missing") is False
 
 
 class _Record(Hooks):

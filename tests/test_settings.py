@@ -50,8 +50,8 @@ def test_invalid_values_name_the_variable(monkeypatch, name, value):
 
 def test_a_heartbeat_that_would_let_a_live_lease_go_stale_is_refused(monkeypatch):
     monkeypatch.setenv("CAPTRAIN_HEARTBEAT_SECONDS", "100")
-    with pytest.raises(ConfigError, match="^invalid settings: heartbeat_seconds must be at "
-                                          "most half of lease_stale_seconds"):
+    with pytest.raises(ConfigError, match=r"^invalid settings: heartbeat_seconds must be at "
+                                          r"most half of lease_stale_seconds"):
         load_settings()
     monkeypatch.setenv("CAPTRAIN_LEASE_STALE_SECONDS", "200")
     assert load_settings().heartbeat_seconds == 100

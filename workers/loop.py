@@ -44,6 +44,16 @@ def _loss(logits: torch.Tensor, y: torch.Tensor, cfg: ModelConfig) -> torch.Tens
     return F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=PAD) * y.shape[1]
 
 
+def forward_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device,
+             cfg: ModelConfig, fast: Speedups) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fp32 logits, loss) of a uint8 batch ``x`` against labels ``y`` on ``device``."""
+    with fast.autocast(device):
+        logits = model(fast.inputs(x, device, cfg))
+    # The loss (CTC included) in fp32, as autocast would keep it.
+    logits = logits.float()
+    return logits, _loss(logits, y, cfg)
+
+
 def _hits(logits: torch.Tensor, y: torch.Tensor, cfg: ModelConfig
           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(predictions (B, L), per-position hits (B, L), where the text has a char (B, L))."""
@@ -75,11 +85,8 @@ def train_one_epoch(
     sums = torch.zeros(4, dtype=torch.float64 if device.type == "cpu" else torch.float32,
                        device=device)
     for x, y in loader:
-        x = fast.inputs(x, device, cfg)
         y = y.to(device, non_blocking=True)
-        with fast.autocast(device):
-            logits = model(x)
-            loss = _loss(logits, y, cfg)
+        logits, loss = forward_loss(model, x, y, device, cfg, fast)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -122,11 +129,8 @@ def evaluate(
     seq_ok = missing = 0
     matrix = torch.zeros(cfg.length, n_classes, n_classes, dtype=torch.long)
     for x, y in loader:
-        x = fast.inputs(x, device, cfg)
         y = y.to(device, non_blocking=True)
-        with fast.autocast(device):
-            logits = model(x)
-            loss = _loss(logits, y, cfg)
+        logits, loss = forward_loss(model, x, y, device, cfg, fast)
         pred, hit, valid = _hits(logits, y, cfg)
         yc = y.cpu()
         total += len(y)
@@ -255,6 +259,7 @@ def fit(
     resume: dict[str, Any] | None = None,
     hooks: Hooks | None = None,
     compile: bool = False,
+    precision: str = "auto",
 ) -> FitResult:
     """Train for ``epochs`` (from the checkpoint's position when resuming), then test.
 
@@ -265,14 +270,15 @@ def fit(
     that ``resume`` accepts back. A stop (StopRequested) or one of
     ``hooks.interrupts`` mid-epoch checkpoints the position (epoch, batch) first.
 
-    On CUDA the ``Speedups`` are on; ``compile`` adds ``torch.compile`` on any device.
+    ``Speedups.for_device`` chooses what the device runs fast (``precision``: auto,
+    fp32 or bf16); ``compile`` adds ``torch.compile`` on any device.
     Each epoch's train metrics also hold ``samples_per_s`` (samples trained per
     second of the epoch's training pass, data loading included), the speedups as
     0/1 and the train loader's ``loader_workers`` and ``pin_memory``.
     """
     hooks = hooks or Hooks()
     torch.manual_seed(seed)
-    fast = Speedups.for_device(device, compile)
+    fast = Speedups.for_device(device, compile, precision)
     if fast.cudnn_benchmark:
         torch.backends.cudnn.benchmark = True
     st = _prepare(cfg, train, epochs, lr, device, fast, resume)

@@ -159,7 +159,7 @@ def workers(
     from kombu.exceptions import OperationalError as KombuOperationalError
     from redis.exceptions import RedisError
 
-    from scheduler.submit import inspector
+    from shared.dispatch import inspector
 
     try:
         with inspector(timeout) as insp:
@@ -181,8 +181,11 @@ def demo(
     quick: Annotated[bool, typer.Option(help="A sub-minute smoke version.")] = False,
     count: Annotated[int | None, typer.Option(help="Captchas to generate.")] = None,
     epochs: Annotated[int | None, typer.Option(help="Training epochs.")] = None,
+    budget: Annotated[float, typer.Option(
+        help="Seconds the demo should take; its size is planned from a speed check "
+             "to fit them.", min=60)] = 360,
 ) -> None:
     """Generate, train, evaluate and predict end to end on local workers."""
     from scheduler.demo import run_demo
 
-    run_demo(console, quick=quick, count=count, epochs=epochs)
+    run_demo(console, quick=quick, count=count, epochs=epochs, budget=budget)

@@ -6,7 +6,7 @@ model never unpickles and never runs code from the store.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,15 +26,16 @@ from shared.spec import TABULAR_MODELS
 from workers.codecs import (
     decode_item,
     decode_label,
-    normalize,
     pil_grey,
     to_model_input,
     wav_to_model_input,
 )
+from workers.device import Speedups
 from workers.digits import mnist_input
 from workers.models import ModelConfig, build_model, decode
 
 MAX_CLIP_BYTES = 64 * 1024 * 1024
+CPU = torch.device("cpu")
 
 
 @dataclass
@@ -44,6 +45,13 @@ class Predictor:
     run_id: int
     name: str | None = None  # the registry's name and version of the model
     version: int | None = None
+    # What training turns on for this CPU (workers.device): bf16 where the hardware
+    # computes it. Reading in bf16 gives the texts of fp32 (tests/test_models.py).
+    fast: Speedups = field(default_factory=lambda: Speedups.for_device(CPU))
+
+    def __post_init__(self) -> None:
+        if self.fast.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
 
     @classmethod
     def load(cls, ref: str) -> Predictor:
@@ -79,7 +87,9 @@ class Predictor:
 
     @torch.no_grad()
     def _read(self, x: torch.Tensor) -> list[tuple[str, float]]:
-        idx, conf = decode(self.model(normalize(x, self.cfg)), self.cfg)
+        with self.fast.autocast(CPU):
+            logits = self.model(self.fast.inputs(x, CPU, self.cfg))
+        idx, conf = decode(logits.float(), self.cfg)
         return [(decode_label(i.tolist(), self.cfg.charset), float(c))
                 for i, c in zip(idx, conf, strict=True)]
 

@@ -33,7 +33,12 @@ result_accept_content = ["json"]
 task_acks_late = True
 task_reject_on_worker_lost = True
 worker_prefetch_multiplier = 1
-worker_cancel_long_running_tasks_on_connection_loss = True
+# A task goes on when the worker loses the broker: terminating it would rely on the
+# broker delivering its message again, and a broker restarted without persistence
+# has lost it, while SQL still says a live worker runs it, so nothing would re-send
+# it (found by bench/soak.py). Running on is safe: tasks are idempotent, and a late
+# second delivery of a train message stands down on the run's lease.
+worker_cancel_long_running_tasks_on_connection_loss = False
 task_ignore_result = True
 result_backend = None
 task_default_queue = "cpu"

@@ -21,7 +21,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from shared.errors import ConfigError
 
 PREFIX = "CAPTRAIN_"
-SECRET_FIELDS = {"flower_basic_auth"}
+SECRET_FIELDS = {"flower_basic_auth", "serve_api_key"}
 
 
 def _default_home() -> Path:
@@ -85,6 +85,16 @@ class Settings(BaseSettings):
     val_cache_mib: int = Field(
         default=64, ge=0, description="Decoded val-split shards a run keeps in memory, MiB."
     )
+    keeper_interval: float = Field(
+        default=5.0, gt=0, le=60,
+        description="Seconds between a worker's heartbeats, and between two reconcile "
+        "passes of the one worker that holds the reconciler lock.",
+    )
+    worker_dead_seconds: float = Field(
+        default=30.0, ge=5,
+        description="Seconds without a heartbeat after which a worker counts as dead and "
+        "the reconciler re-sends the work it held; at least 3 x KEEPER_INTERVAL.",
+    )
     progress_interval: float = Field(
         default=0.5, gt=0,
         description="Least seconds between two progress events of one shard task.",
@@ -94,6 +104,12 @@ class Settings(BaseSettings):
         default=None,
         description="user:password that `captrain flower` requires; needed to bind "
         "Flower beyond loopback. A secret: shown as ***.",
+    )
+    serve_api_key: str | None = Field(
+        default=None, min_length=16,
+        description="The key `captrain serve` requires (Authorization: Bearer KEY or "
+        "X-API-Key), at least 16 characters; needed to bind beyond loopback. A secret: "
+        "shown as ***.",
     )
 
     @field_validator("broker_url")
@@ -119,6 +135,11 @@ class Settings(BaseSettings):
             v = "postgresql+psycopg" + v[len(scheme) :]
         return v
 
+    @field_validator("serve_api_key", mode="before")
+    @classmethod
+    def _unset_key(cls, v: str | None) -> str | None:
+        return None if v == "" else v
+
     @field_validator("log_level")
     @classmethod
     def _level(cls, v: str) -> str:
@@ -132,6 +153,9 @@ class Settings(BaseSettings):
         if self.heartbeat_seconds * 2 > self.lease_stale_seconds:
             raise ValueError("heartbeat_seconds must be at most half of lease_stale_seconds, "
                              "or a live run's lease would be taken over")
+        if self.keeper_interval * 3 > self.worker_dead_seconds:
+            raise ValueError("worker_dead_seconds must be at least 3 x keeper_interval, "
+                             "or a live worker would be taken for dead")
         return self
 
     @property

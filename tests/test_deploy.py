@@ -87,3 +87,32 @@ def test_dockerfile_builds_cpu_and_cuda_stages_of_this_project():
     for cmd in re.findall(r'^CMD (\[.*\])', text, flags=re.M):
         _check_captrain_argv(yaml.safe_load(cmd), "Dockerfile CMD")
     assert 'ENTRYPOINT ["captrain"]' in text
+
+
+def test_the_serve_service_binds_with_its_key_and_probes_readiness_and_liveness():
+    from scheduler.cli.serve import is_loopback
+
+    serve = _yaml_docs(DEPLOY / "docker-compose.yml")[0]["services"]["serve"]
+    argv = serve["command"]
+    assert argv[0] == "serve" and not is_loopback(argv[argv.index("--host") + 1])
+    assert "CAPTRAIN_SERVE_API_KEY" in serve["environment"]  # beyond loopback: required
+    probe = " ".join(serve["healthcheck"]["test"])
+    assert "/readyz" in probe and "CAPTRAIN_SERVE_API_KEY" in probe
+
+    docs = {d["kind"]: d for d in _yaml_docs(DEPLOY / "k8s" / "serve.yaml")}
+    pod = docs["Deployment"]["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    assert c["args"][0] == "serve" and not is_loopback(c["args"][c["args"].index("--host") + 1])
+    ready = " ".join(c["readinessProbe"]["exec"]["command"])
+    assert "/readyz" in ready and "CAPTRAIN_SERVE_API_KEY" in ready
+    assert c["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    port = c["ports"][0]
+    assert port["containerPort"] == int(c["args"][c["args"].index("--port") + 1])
+    service = docs["Service"]["spec"]
+    assert service["selector"] == docs["Deployment"]["spec"]["selector"]["matchLabels"]
+    assert service["ports"][0]["targetPort"] == port["name"]
+    secret = _yaml_docs(DEPLOY / "k8s" / "secret.yaml")[0]["stringData"]
+    assert len(secret["CAPTRAIN_SERVE_API_KEY"]) >= 16  # the settings' minimum
+    # The image that runs it has the serve extra.
+    cpu = (DEPLOY / "Dockerfile").read_text().split(" AS cpu")[1].split(" AS cuda")[0]
+    assert "[worker,serve]" in cpu

@@ -300,21 +300,21 @@ def test_a_progress_event_the_broker_refuses_is_logged_and_the_task_goes_on(
     down = Celery("down", broker=f"redis://127.0.0.1:{free_port()}/0")
     down.conf.broker_connection_timeout = 2
 
-    @down.task(bind=True)
+    @down.task(bind=True, base=tasks.CaptrainTask)
     def long_task(self):
         return None
 
     long_task.push_request(id="progress-test", hostname="w@h")
     try:
         with caplog.at_level(logging.WARNING, logger=tasks.log.name):
-            tasks._send_progress(long_task, done=1, total=2)  # does not raise
+            long_task.send_progress(done=1, total=2)  # does not raise
             assert "progress event not sent" in caplog.text
             # Later events skip the broker for a while instead of each waiting for
             # its connection timeout.
             caplog.clear()
             start = time.monotonic()
             for done in range(2, 50):
-                tasks._send_progress(long_task, done=done, total=50)
+                long_task.send_progress(done=done, total=50)
             assert time.monotonic() - start < 0.5 and not caplog.records
     finally:
         long_task.pop_request()

@@ -15,29 +15,15 @@ import redis
 from conftest import ON_POSTGRES, _reset_process_caches, wait_for
 from rich.console import Console
 from sqlalchemy import select
-from typer.testing import CliRunner
+
+# The CLI-with---json and shard-listing helpers of the fault tests, shared.
+from test_faults import _clean_hashes, _ok, _shards
 
 from scheduler import watch
-from scheduler.cli import app
 from shared.db import session_scope
-from shared.schema import Recovery, Shard
+from shared.schema import Recovery
 
 pytestmark = pytest.mark.integration
-runner = CliRunner()
-
-
-def _ok(args: list[str]) -> dict:
-    result = runner.invoke(app, [*args, "--json"])
-    assert result.exit_code == 0, result.output
-    import json
-
-    return json.loads(result.output)
-
-
-def _shards(job_id: int) -> list[Shard]:
-    with session_scope() as s:
-        return list(s.execute(select(Shard).where(Shard.job_id == job_id)
-                              .order_by(Shard.index)).scalars())
 
 
 def _notes(job_id: int) -> list[str]:
@@ -77,8 +63,6 @@ def _heals_after_a_worker_dies(env: dict[str, str], start_worker) -> None:
         said.getvalue()
     assert _ok(["job", str(job)])["status"] == "done"
     assert any("was held by" in n and "re-sent" in n for n in notes), notes
-    from test_faults import _clean_hashes
-
     assert [sh.sha256 for sh in _shards(job)] == _clean_hashes(job)
 
 

@@ -3,8 +3,8 @@ submission, ``retry``, ``reconcile`` and ``demo``.
 
 Messages carry ids only. If the broker is down at submission, the job stays
 recorded in SQL and the reconciler (``shared.reconcile``) sends its messages later.
-Each message sent is recorded as queued (``shared.inflight``), so that a reconcile
-never copies work that merely waits in a queue.
+Each message sent is recorded as being sent, then as queued (``shared.inflight``),
+so that a reconcile never copies work that merely waits in a queue.
 """
 
 from __future__ import annotations
@@ -103,13 +103,21 @@ def send(work: Work, skip: set[tuple[str, tuple[Any, ...]]] | None = None) -> in
     messages = [(name, args) for name, args in work.messages()
                 if (name, args) not in (skip or set())]
     sigs = [_signature(name, args, work.time_limit) for name, args in messages]
-    if len(sigs) == 1:
-        _send(sigs[0].apply_async, work.job_id)
-    elif sigs:
-        _send(lambda: group(sigs).apply_async(), work.job_id)
-    # After publishing: a marker without its message would hide lost work, while a
-    # message without its marker (a crash in between) is at worst sent once more.
-    inflight.mark_queued(inflight.key(name, args) for name, args in messages)
+    keys = [inflight.key(name, args) for name, args in messages]
+    # Marked as being sent before publishing, so that a worker's receipt always comes
+    # after the marker it clears; moved to queued after. A sender that dies in
+    # between leaves a sending entry, which the reconciler stops trusting after
+    # inflight.SEND_GRACE: the work is re-sent then.
+    inflight.mark_sending(keys)
+    try:
+        if len(sigs) == 1:
+            _send(sigs[0].apply_async, work.job_id)
+        elif sigs:
+            _send(lambda: group(sigs).apply_async(), work.job_id)
+    except BaseException:
+        inflight.unmark_sending(keys)
+        raise
+    inflight.mark_published(keys)
     return len(sigs)
 
 

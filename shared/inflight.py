@@ -1,20 +1,27 @@
 """Which task messages are in flight, kept beside the queues in the broker's Redis.
 
-Two structures, both keyed by a message's work (task name and arguments):
+Three structures, each keyed by a message's work (task name and arguments):
 
-- ``captrain:queued``, a set: a message was sent and waits in a queue. The sender
-  adds the key after publishing; a worker removes it when it receives the message.
-- ``captrain:held``, a hash key -> worker name: a worker received the message (it
-  runs it, holds it reserved, or holds it for a retry's countdown). The worker
-  removes the entry when the task ends.
+- ``captrain:sending``, a hash key -> unix time: a sender is about to publish the
+  message. The sender writes it before publishing;
+- ``captrain:queued``, a set: the message was published and waits in a queue. After
+  publishing, the sender moves each key from sending to queued, but only a key still
+  in sending: a worker that already received the message has taken it out, so a
+  queued marker never outlives its message's receipt;
+- ``captrain:held``, a hash key -> worker: a worker received the message (it runs it,
+  holds it reserved, or holds it for a retry's countdown). Receipt takes the key out
+  of sending and queued and into held in one transaction; the worker removes the
+  entry when the task ends.
 
-The reconciler re-sends work only when neither says it is alive (or its holder's
-heartbeat is stale), so any number of reconciles over a backlog adds no copy. Both
-live in the same Redis as the queues: a flush or a restart without persistence
-loses the markers with the messages, and the work is then re-sent from SQL, as it
-must be. Memory: a key is about 40 bytes, so a million queued messages add about
-100 MB to Redis beside the messages themselves; a reconcile pass reads them with
-one SMISMEMBER and one HMGET per 10,000 keys.
+The reconciler re-sends work only when none of them says it is alive: not queued,
+not being sent (a sending entry counts for ``SEND_GRACE`` seconds; an older one is a
+sender that died between the marker and the publish), not held by a live worker. So
+any number of reconciles over a backlog adds no copy. All three live in the same
+Redis as the queues: a flush or a restart without persistence loses the markers with
+the messages, and the work is then re-sent from SQL, as it must be. Memory: a key is
+about 40 bytes, so a million queued messages add about 100 MB to Redis beside the
+messages themselves; a reconcile pass reads them with one SMISMEMBER and two HMGETs
+per 10,000 keys.
 
 Never raises: markers are an optimisation of the reconciler. A broker that cannot
 be reached here cannot be reached by the queue either, and the reconciler then
@@ -26,14 +33,19 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 log = logging.getLogger(__name__)
 
+SENDING = "captrain:sending"
 QUEUED = "captrain:queued"
 HELD = "captrain:held"
 CHUNK = 10_000
+# Seconds a sending entry counts as alive: far above the time a sender takes to
+# publish (a group of 100,000 messages publishes in seconds).
+SEND_GRACE = 120.0
 _clients: dict[int, Any] = {}  # pid -> (kombu connection, redis client)
 
 
@@ -65,23 +77,58 @@ def _safely(what: str, fn: Any) -> Any:
         return None
 
 
-def mark_queued(keys: Iterable[str]) -> None:
-    """Record that messages doing ``keys`` wait in a queue."""
-    keys = list(keys)
+def mark_sending(keys: Iterable[str]) -> None:
+    """Record that messages doing ``keys`` are about to be published."""
+    keys, now = list(keys), time.time()
 
     def add(r: Any) -> None:
         for i in range(0, len(keys), CHUNK):
-            r.sadd(QUEUED, *keys[i:i + CHUNK])
+            r.hset(SENDING, mapping=dict.fromkeys(keys[i:i + CHUNK], now))
 
     if keys:
         _safely("recorded", add)
 
 
+# Sending -> queued for each key still being sent: a worker that received the message
+# meanwhile took the key out of sending, and it must not come back as queued.
+_PUBLISHED = ("local n = 0 for _, k in ipairs(ARGV) do "
+              "if redis.call('HDEL', KEYS[1], k) == 1 then "
+              "redis.call('SADD', KEYS[2], k) n = n + 1 end end return n")
+
+
+def mark_published(keys: Iterable[str]) -> None:
+    """The messages doing ``keys`` were published: each waits in a queue, unless a
+    worker received it already."""
+    keys = list(keys)
+
+    def move(r: Any) -> None:
+        for i in range(0, len(keys), CHUNK):
+            r.eval(_PUBLISHED, 2, SENDING, QUEUED, *keys[i:i + CHUNK])
+
+    if keys:
+        _safely("recorded", move)
+
+
+def unmark_sending(keys: Iterable[str]) -> None:
+    """The messages doing ``keys`` were not published after all (the broker refused)."""
+    keys = list(keys)
+    if keys:
+        _safely("dropped", lambda r: r.hdel(SENDING, *keys))
+
+
+def mark_requeued(work: str) -> None:
+    """The message doing ``work`` goes back to its queue (a worker's warm shutdown
+    rejects it with requeue): marked before the message is back, so before any
+    worker can receive it again."""
+    _safely("recorded", lambda r: r.sadd(QUEUED, work))
+
+
 def received(work: str, tag: str) -> None:
     """A worker received the message doing ``work`` (``tag``: see holder_tag)."""
     def move(r: Any) -> None:
-        pipe = r.pipeline()
+        pipe = r.pipeline()  # MULTI/EXEC: the reconciler sees before or after, not between
         pipe.srem(QUEUED, work)
+        pipe.hdel(SENDING, work)
         pipe.hset(HELD, work, tag)
         pipe.execute()
 
@@ -127,24 +174,35 @@ def forget(works: Iterable[str]) -> None:
     """Drop the markers of ``works`` (the reconciler: their work is done or lost)."""
     works = list(works)
     if works:
-        _safely("forgotten", lambda r: (r.srem(QUEUED, *works), r.hdel(HELD, *works)))
+        _safely("forgotten", lambda r: (r.srem(QUEUED, *works), r.hdel(SENDING, *works),
+                                        r.hdel(HELD, *works)))
 
 
 def state(works: Sequence[str]) -> tuple[set[str], dict[str, str]] | None:
-    """(the keys among ``works`` queued, the held ones with their holders), or None
-    when the broker cannot tell (then nothing is known to be alive)."""
+    """(the keys among ``works`` waiting: queued, or being sent for less than
+    ``SEND_GRACE``; the held ones with their holders), or None when the broker cannot
+    tell (then nothing is known to be alive)."""
     def read(r: Any) -> tuple[set[str], dict[str, str]]:
-        queued: set[str] = set()
+        waiting: set[str] = set()
         held: dict[str, str] = {}
+        since = time.time() - SEND_GRACE
         for i in range(0, len(works), CHUNK):
             part = list(works[i:i + CHUNK])
             flags = r.smismember(QUEUED, part)
-            queued |= {k for k, f in zip(part, flags, strict=True) if f}
+            sending = r.hmget(SENDING, part)
+            waiting |= {k for k, f, t in zip(part, flags, sending, strict=True)
+                        if f or (t is not None and float(text(t)) >= since)}
             holders = r.hmget(HELD, part)
             held |= {k: text(h) for k, h in zip(part, holders, strict=True) if h}
-        return queued, held
+        return waiting, held
 
     return _safely("read", read) if works else (set(), {})
+
+
+def sending_entries() -> dict[str, float]:
+    """Every sending entry with its time (the reconciler sweeps old ones)."""
+    got = _safely("read", lambda r: r.hgetall(SENDING))
+    return {text(k): float(text(v)) for k, v in (got or {}).items()}
 
 
 def held_entries() -> dict[str, str]:

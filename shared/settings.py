@@ -95,6 +95,12 @@ class Settings(BaseSettings):
         description="Seconds without a heartbeat after which a worker counts as dead and "
         "the reconciler re-sends the work it held; at least 3 x KEEPER_INTERVAL.",
     )
+    reconcile_confirm_seconds: float = Field(
+        default=2.0, ge=0, le=60,
+        description="Seconds a message must stay lost, across two reconcile passes, "
+        "before it is re-sent: a message published right after its job's commit is "
+        "not taken for lost. The keeper's passes are KEEPER_INTERVAL apart already.",
+    )
     progress_interval: float = Field(
         default=0.5, gt=0,
         description="Least seconds between two progress events of one shard task.",

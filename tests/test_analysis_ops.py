@@ -31,7 +31,7 @@ IRIS_FILES = ["covariance.csv", "pairplot.png", "sepal-scatter.png", "stats.csv"
 def _ok(*args: str) -> dict:
     result = runner.invoke(app, [*args, "--json"])
     assert result.exit_code == 0, result.output
-    return json.loads(result.output)
+    return json.loads(result.stdout)
 
 
 def _job(job_id: int) -> tuple[str, int, str | None]:

@@ -78,7 +78,7 @@ def test_audio_captchas_across_two_workers_train_and_a_fresh_wav_is_read(
                                  "160", "--shard-size", "10", "--seed", "5", "--wait",
                                  "--json"])
     assert result.exit_code == 0, result.output
-    job = json.loads(result.output)
+    job = json.loads(result.stdout)
     with session_scope() as s:
         makers = set(s.execute(select(Shard.worker).where(Shard.job_id == job["id"]))
                      .scalars())
@@ -88,7 +88,7 @@ def test_audio_captchas_across_two_workers_train_and_a_fresh_wav_is_read(
     result = runner.invoke(app, ["train", "--dataset", "talk", "--model", "crnn", "--epochs",
                                  "2", "--batch-size", "16", "--wait", "--json"])
     assert result.exit_code == 0, result.output
-    run = json.loads(result.output)["run"]
+    run = json.loads(result.stdout)["run"]
     test = run["test"]
     print(f"\naudio crnn, 2 epochs on 128 clips: seq_acc {test['seq_acc']:.3f}, "
           f"char_acc {test['char_acc']:.3f}")
@@ -98,7 +98,7 @@ def test_audio_captchas_across_two_workers_train_and_a_fresh_wav_is_read(
     AudioCaptcha().write("4071", str(clip))  # the plain package, not captrain's shards
     result = runner.invoke(app, ["predict", "--model", "talk", "--json", str(clip)])
     assert result.exit_code == 0, result.output
-    read = json.loads(result.output)[0]
+    read = json.loads(result.stdout)[0]
     assert set(read["text"]) <= set("0123456789") and len(read["text"]) <= 4
     assert 0 <= read["confidence"] <= 1
 

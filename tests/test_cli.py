@@ -128,7 +128,7 @@ def test_generate_records_job_dataset_and_shards_in_one_go(backend):
     result = runner.invoke(app, ["generate", "--name", "rec", "--count", "100",
                                  "--shard-size", "30", "--seed", "5", "--json"])
     assert result.exit_code == 0, result.output
-    job_id = json.loads(result.output)["job"]
+    job_id = json.loads(result.stdout)["job"]
     with session_scope() as s:
         shards = s.execute(select(Shard).where(Shard.job_id == job_id)
                            .order_by(Shard.index)).scalars().all()

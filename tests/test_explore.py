@@ -49,7 +49,7 @@ def test_explore_iris_on_a_real_worker_gives_the_published_figures_and_plots(
     out = tmp_path / "iris-out"
     result = runner.invoke(app, ["explore", "iris", "--out", str(out), "--json"])
     assert result.exit_code == 0, result.output
-    s = json.loads(result.output)
+    s = json.loads(result.stdout)
 
     assert s["n"] == 150 and s["counts"] == {"setosa": 50, "versicolor": 50, "virginica": 50}
     assert s["ddof"] == 1

@@ -142,7 +142,7 @@ def test_export_without_the_worker_extra_says_what_to_install(tmp_path):
 def _ok(args: list[str]) -> Any:
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
-    return json.loads(result.output) if "--json" in args else result.output
+    return json.loads(result.stdout) if "--json" in args else result.output
 
 
 def _train(dataset: str, *args: str) -> int:

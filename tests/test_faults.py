@@ -47,7 +47,7 @@ runner = CliRunner()
 def _ok(args: list[str]) -> dict:
     result = runner.invoke(app, [*args, "--json"])
     assert result.exit_code == 0, result.output
-    return json.loads(result.output)
+    return json.loads(result.stdout)
 
 
 def _children(pid: int) -> list[int]:

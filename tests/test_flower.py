@@ -151,7 +151,7 @@ class ProgressWatcher:
 def _ok(args: list[str]) -> Any:
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
-    return json.loads(result.output)
+    return json.loads(result.stdout)
 
 
 def _flower_saw_a_ping(base: str) -> bool:

@@ -21,7 +21,7 @@ runner = CliRunner()
 def _ok(*args: str) -> dict:
     result = runner.invoke(app, [*args, "--json"])
     assert result.exit_code == 0, result.output
-    return json.loads(result.output)
+    return json.loads(result.stdout)
 
 
 def _done(job_id: int) -> int:

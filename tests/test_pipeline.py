@@ -65,7 +65,7 @@ def test_generate_train_and_predict_through_real_workers(backend, start_worker, 
     result = runner.invoke(app, ["predict", "--model", str(run_id), "--json", *imgs,
                                  str(text_file)])
     assert result.exit_code != 0  # one file was bad...
-    rows = json.loads(result.output)
+    rows = json.loads(result.stdout)
     read = [r for r in rows if "text" in r]
     assert [r["file"] for r in read] == imgs  # ...and the others still printed
     assert all(len(r["text"]) == 4 and r["text"].isdigit() for r in read)

@@ -87,4 +87,4 @@ def test_the_json_answer_names_the_run(sqlite_env):
     result = runner.invoke(app, ["train", "--dataset", "p4e", "--preset", "digits-upper4",
                                  "--json"])
     assert result.exit_code == 0, result.output
-    assert json.loads(result.output)["status"] == "pending"
+    assert json.loads(result.stdout)["status"] == "pending"

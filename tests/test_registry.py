@@ -4,6 +4,7 @@ the CLI and real workers."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
 import json
 import subprocess
@@ -27,6 +28,7 @@ from shared.db import session_scope
 from shared.lease import acquire_run
 from shared.schema import Job, Model, ModelAlias, Run
 from shared.spec import TrainSpec
+from workers.device import Speedups
 from workers.jobs.training import RunRecorder
 
 runner = CliRunner()
@@ -36,7 +38,7 @@ IRIS_TEST = {"cv_acc": 0.95, "cv_std": 0.02, "folds": 5, "fold_acc": [0.95] * 5}
 def _ok(args: list[str]) -> str:
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
-    return result.output
+    return result.stdout
 
 
 def _refused(args: list[str]) -> tuple[int, str]:
@@ -114,8 +116,9 @@ def test_trainings_become_numbered_versions_with_lineage_and_predict_follows_an_
     assert lin["torch_version"] == importlib.metadata.version("torch")
     assert lin["captcha_version"] == importlib.metadata.version("captcha")
     assert lin["device"] == "cpu"
-    assert lin["speedups"] == {"bf16": False, "channels_last": False,
-                               "cudnn_benchmark": False, "compiled": False}
+    # What the worker chose for this CPU: bf16 and channels_last where it has AMX or
+    # AVX512-BF16, the plain loop elsewhere.
+    assert lin["speedups"] == dataclasses.asdict(Speedups.for_device(torch.device("cpu")))
     assert lin["test"]["seq_acc"] == shown["test"]["seq_acc"] == runs[0]["test"]["seq_acc"]
     assert lin["run"] == runs[0]["id"]
     iris_lin = json.loads(_ok(["model", f"{other}@1", "--json"]))["lineage"]

@@ -29,7 +29,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 def _ok(args: list[str]) -> dict:
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
-    return json.loads(result.output)
+    return json.loads(result.stdout)
 
 
 def _decode_png(data: bytes) -> Image.Image:

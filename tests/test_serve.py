@@ -120,7 +120,7 @@ def raw(port: int, head: bytes, body: Iterator[bytes]) -> tuple[int, Any]:
 def _cli(args: list[str]) -> Any:
     result = runner.invoke(app, [*args, "--json"])
     assert result.exit_code == 0, result.output
-    return json.loads(result.output)
+    return json.loads(result.stdout)
 
 
 @contextmanager

@@ -46,7 +46,7 @@ def test_iris_trains_through_a_real_worker_and_records_cross_validated_accuracy(
     result = runner.invoke(app, ["train", "--dataset", "iris", "--model", "mlp", "--wait",
                                  "--json"])
     assert result.exit_code == 0, result.output
-    run = json.loads(result.output)["run"]
+    run = json.loads(result.stdout)["run"]
     assert run["status"] == "done"
     test = run["test"]
     assert test["folds"] == 5 and 0.93 <= test["cv_acc"] <= 1.0

@@ -23,6 +23,7 @@ from typing import Any
 from celery.signals import task_postrun, task_received, worker_ready, worker_shutdown
 
 from shared import inflight, liveness
+from shared.reconcile import Reconciler
 from shared.settings import get_settings
 
 log = logging.getLogger(__name__)
@@ -35,8 +36,10 @@ class Keeper(threading.Thread):
     def __init__(self, name: str, queues: str) -> None:
         super().__init__(name="captrain-keeper", daemon=True)
         self.worker, self.queues = name, queues
-        self.interval = get_settings().keeper_interval
+        settings = get_settings()
+        self.interval = settings.keeper_interval
         self.stopped = threading.Event()
+        self.reconciler = Reconciler(settings.reconcile_confirm_seconds)
 
     def run(self) -> None:
         while True:
@@ -52,19 +55,19 @@ class Keeper(threading.Thread):
         except Exception as exc:
             log.warning("heartbeat not written: %s", exc)
         try:
-            if self._lead():
-                from shared.reconcile import reconcile
-
-                sent = reconcile()
-                if sent["shards"] or sent["runs"] or sent["analyses"]:
-                    log.warning("reconciler re-sent lost work: %s", sent)
+            if not self._lead():
+                self.reconciler.forget()
+                return
+            sent = self.reconciler.run_pass()
+            if sent["shards"] or sent["runs"] or sent["analyses"]:
+                log.warning("reconciler re-sent lost work: %s", sent)
         except Exception as exc:
             log.warning("reconcile pass failed: %s", exc)
 
     def _lead(self) -> bool:
         """Take or keep the reconciler lock. Two workers may both lead for one pass
         if the lock expires between the check and the renewal: a pass re-sends only
-        lost work and marks it queued, so the second pass finds nothing to send."""
+        lost work, and what it sends is marked, so the second pass finds nothing."""
         return inflight.lead(LOCK, self.worker, int(self.interval * 3 * 1000))
 
 

@@ -108,7 +108,7 @@ class CaptrainTask(Task):
             # The worker is shutting down and the run checkpointed: back to the queue,
             # where the reconciler must see it waiting.
             log.warning("job %s: %s; requeued", job_id, exc)
-            inflight.mark_queued([inflight.key(self.name, self.request.args or ())])
+            inflight.mark_requeued(inflight.key(self.name, self.request.args or ()))
             raise Reject(str(exc), requeue=True) from exc
         except SoftTimeLimitExceeded:
             fail_job(job_id, "time limit reached; the last checkpoint is kept for a retry")

@@ -98,15 +98,19 @@ def reconcile_cmd(
         help="Repeat every this many seconds (for a service); Ctrl-C stops.")] = None,
 ) -> None:
     """Re-send the lost messages of unfinished jobs from SQL (workers do this by
-    themselves every few seconds; this is one pass by hand)."""
+    themselves every few seconds; this is one round by hand: two passes, and what
+    looked lost in both is re-sent)."""
     import time
 
-    from shared.reconcile import reconcile
+    from shared.reconcile import Reconciler, reconcile
+    from shared.settings import get_settings
 
     if every is not None and every < 10:
         raise SpecError("--every must be at least 10 seconds")
+    # Repeated: one pass each time, and what stays lost from one to the next is re-sent.
+    repeated = Reconciler(get_settings().reconcile_confirm_seconds)
     while True:
-        sent = reconcile()
+        sent = reconcile() if every is None else repeated.run_pass()
         if as_json:
             emit(sent, True)
         else:

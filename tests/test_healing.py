@@ -113,3 +113,82 @@ def test_watch_says_when_no_live_worker_serves_the_queue(backend, start_worker):
     start_worker(backend, queues="cpu", concurrency=1)
     watcher.join(120)
     assert not watcher.is_alive() and _ok(["job", str(job)])["status"] == "done"
+
+
+@ON_POSTGRES
+def test_a_job_committed_but_not_yet_sent_is_not_copied_by_a_reconcile(backend):
+    """The reconciler reads SQL before the broker: a pass between a job's commit and
+    its messages' publishing sees the work and no message. It is only suspect then;
+    once the messages are out, the next pass leaves them alone."""
+    from scheduler.plan import plan_generate
+    from shared.dispatch import send_job
+    from shared.reconcile import Reconciler
+    from shared.spec import GenerateSpec
+
+    job_id, _ = plan_generate(GenerateSpec(name="unsent", count=100, length=4,
+                                           charset="digits", shard_size=10))
+    queue = redis.Redis.from_url(backend["CAPTRAIN_BROKER_URL"])
+    reconciler = Reconciler(confirm_s=0.5)
+    reconciler.run_pass()
+    assert len(_suspects(reconciler, job_id)) == 10 and _waiting(queue, job_id) == 0
+    assert send_job(job_id) == 10
+    time.sleep(0.6)
+    reconciler.run_pass()
+    assert _suspects(reconciler, job_id) == [] and _waiting(queue, job_id) == 10
+    assert _notes(job_id) == []
+
+
+def _suspects(reconciler, job_id: int) -> list[str]:
+    return [k for k in reconciler.suspects if f"[{job_id}, " in k]
+
+
+def _waiting(queue: redis.Redis, job_id: int) -> int:
+    """Messages of job ``job_id`` in the cpu queue (other tests' jobs share it)."""
+    import json
+
+    return sum(json.loads(m)["headers"]["argsrepr"].startswith(f"job {job_id} ")
+               for m in queue.lrange("cpu", 0, -1))
+
+
+@ON_POSTGRES
+def test_work_lost_in_two_passes_is_re_sent_once(backend):
+    """A job whose messages the broker lost (FLUSHDB): the first pass suspects them,
+    the second re-sends each once, and a third finds them queued."""
+    from shared.reconcile import Reconciler
+
+    job = _ok(["generate", "--name", "flushed", "--count", "100", "--shard-size", "10"])["job"]
+    queue = redis.Redis.from_url(backend["CAPTRAIN_BROKER_URL"])
+    queue.flushdb()
+    reconciler = Reconciler(confirm_s=0.2)
+    reconciler.run_pass()
+    assert len(_suspects(reconciler, job)) == 10 and _waiting(queue, job) == 0
+    time.sleep(0.3)
+    reconciler.run_pass()
+    assert _suspects(reconciler, job) == [] and _waiting(queue, job) == 10
+    assert len(_notes(job)) == 10
+    reconciler.run_pass()
+    assert _waiting(queue, job) == 10 and len(_notes(job)) == 10
+
+
+def test_a_message_received_before_its_sender_marks_it_queued_leaves_no_queued_marker(
+        redis_url, monkeypatch: pytest.MonkeyPatch):
+    """A worker can receive a message before its sender's next line runs: the sender's
+    'published' must not then mark it queued, or the marker would outlive the message
+    and hide its loss if that worker died."""
+    from shared import inflight
+
+    monkeypatch.setenv("CAPTRAIN_BROKER_URL", redis_url)
+    _reset_process_caches()
+    inflight._clients.clear()
+    work = inflight.key("captrain.generate_shard", (999, 0))
+    inflight.mark_sending([work])
+    inflight.received(work, inflight.holder_tag("w1@host", "t1", 0))
+    inflight.mark_published([work])
+    assert inflight.state([work]) == (set(), {work: "w1@host|t1|0"})
+    other = inflight.key("captrain.generate_shard", (999, 1))
+    inflight.mark_sending([other])
+    assert inflight.state([other]) == ({other}, {})  # being sent counts as waiting
+    inflight.mark_published([other])
+    assert inflight.state([other]) == ({other}, {})
+    inflight.forget([work, other])
+    _reset_process_caches()

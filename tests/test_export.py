@@ -337,7 +337,7 @@ def test_an_exported_onnx_folder_read_by_its_sidecar_alone_gives_torchs_argmax(
         assert got.shape == (FRESH, *meta["output"]["shape"][1:])
         assert np.array_equal(got.argmax(-1), want.argmax(-1)), batch
     texts = [r["text"] for r in _ok(["predict", "--model", str(run), "--json",
-                                     *map(str, paths)])]
+                                     "--precision", "fp32", *map(str, paths)])]
     assert [_text(s, meta) for s in got] == texts
 
 

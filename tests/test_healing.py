@@ -156,7 +156,7 @@ def test_work_lost_in_two_passes_is_re_sent_once(backend):
     the second re-sends each once, and a third finds them queued."""
     from shared.reconcile import Reconciler
 
-    job = _ok(["generate", "--name", "flushed", "--count", "100", "--shard-size", "10"])["job"]
+    job = _ok(["generate", "--name", "lost-twice", "--count", "100", "--shard-size", "10"])["job"]
     queue = redis.Redis.from_url(backend["CAPTRAIN_BROKER_URL"])
     queue.flushdb()
     reconciler = Reconciler(confirm_s=0.2)

@@ -54,9 +54,11 @@ class Predictor:
             self.model = self.model.to(memory_format=torch.channels_last)
 
     @classmethod
-    def load(cls, ref: str) -> Predictor:
+    def load(cls, ref: str, precision: str = "auto") -> Predictor:
         """Load the model version ``ref`` names: NAME, NAME@VERSION, NAME@ALIAS, a run
-        id or ``latest`` (shared.registry).
+        id or ``latest`` (shared.registry), to read with ``precision`` (auto: bf16
+        where this CPU computes it, as training does; fp32: the exact arithmetic of an
+        ONNX export).
 
         Raises SpecError for a malformed ref, NotFound; InputError for a model that
         does not read images or audio (Iris); ArtifactError if the weights fail their
@@ -76,7 +78,8 @@ class Predictor:
         except (SafetensorError, RuntimeError, ValueError) as exc:
             raise ArtifactError(f"model of run {run_id} does not load: {exc}") from exc
         model.eval()
-        return cls(model, cfg, run_id, name, version)
+        return cls(model, cfg, run_id, name, version,
+                   Speedups.for_device(CPU, precision=precision))
 
     def _image_input(self, im: Image.Image, name: str) -> torch.Tensor:
         # A user's digit photo becomes a 28x28 MNIST digit first; then both kinds are

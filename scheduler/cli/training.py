@@ -14,7 +14,7 @@ import typer
 from scheduler.cli.args import JsonOpt, WaitOpt, parse_id
 from scheduler.cli.jobs import follow
 from scheduler.cli.render import console, emit, err_console, show_run
-from shared.errors import ConfigError, InputError
+from shared.errors import ConfigError, InputError, SpecError
 from shared.spec import TrainSpec, default, validate
 
 commands = typer.Typer()
@@ -91,6 +91,9 @@ def predict(
     model: Annotated[str, typer.Option(
         help="NAME (its newest version), NAME@VERSION, NAME@ALIAS, a run id or latest.")
     ] = "latest",
+    precision: Annotated[str, typer.Option(
+        help="auto (bf16 where this CPU computes it, as training), fp32 (the arithmetic "
+             "of an exported ONNX model) or bf16.")] = "auto",
     as_json: JsonOpt = False,
 ) -> None:
     """Print the text read from each image or clip, with its confidence."""
@@ -101,7 +104,9 @@ def predict(
         raise ConfigError(
             f"predict needs the worker extra (pip install 'captrain[worker]'): {exc}"
         ) from exc
-    predictor = Predictor.load(model)
+    if precision not in ("auto", "fp32", "bf16"):
+        raise SpecError(f"--precision {precision!r}: use auto, fp32 or bf16")
+    predictor = Predictor.load(model, precision)
     results = predict_files(predictor, files)
     if as_json:
         # Which version read the files: an alias or a bare name moves between versions.

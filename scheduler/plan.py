@@ -31,9 +31,11 @@ from shared.spec import (
     MIN_INPUT,
     GenerateSpec,
     SplitSpec,
+    SweepSpec,
     TrainSpec,
     derive_seed,
     resolve_charset,
+    validate,
 )
 from shared.state import IMPORTED, record_builtin, record_done_import, relayout, stored_shard
 
@@ -274,3 +276,42 @@ def plan_train(spec: TrainSpec) -> tuple[int, int]:
         s.flush()
         return run.id, job.id
 
+
+
+def plan_sweep(*, dataset: str, trials: int, parallel: int, metric: str, space: list[str],
+               pruner: str, sampler: str, seed: int, register: str | None,
+               base: dict[str, Any]) -> int:
+    """Write the sweep job for ``space`` (``shared.space`` texts) over ``dataset``, with
+    ``base`` the train-spec values every trial shares. Returns the sweep's job id; its
+    first step asks for trials once sent.
+
+    Every value a dimension can draw is checked here, against the train spec, the
+    visibility timeout and the dataset (each model a choice names must fit it at
+    each scale it can draw), so no trial is refused later. Raises SpecError,
+    NotFound, or StateError for a dataset that is not ready; nothing is written then.
+    """
+    from shared.space import combinations, grid_size, parse_space
+
+    fixed = validate(TrainSpec, dataset=dataset, **base)
+    check_time_limit(fixed)
+    dims = parse_space(space, {"dataset": dataset, **base}, grid=sampler == "grid")
+    if sampler == "grid":
+        trials = min(trials, grid_size(dims))  # a grid has so many points, and no more
+    spec = validate(SweepSpec, dataset=dataset, trials=trials, parallel=parallel,
+                    metric=metric, space=[d.to_dict() for d in dims], sampler=sampler,
+                    pruner=pruner, seed=seed, base=base, register=register)
+    with session_scope() as s:
+        ds = find_dataset(s, dataset)
+        if kind_of(ds.kind).modality == "table":
+            raise SpecError(f"dataset {ds.name} is a table: its runs cross-validate in "
+                            "seconds and have no epochs to sweep and prune")
+        for combo in combinations(dims, "model"):
+            check_model_fits(ds, combo.get("model", fixed.model),
+                             combo.get("scale", fixed.scale))
+        if ds.status != READY:
+            raise StateError(f"dataset {ds.name} is {ds.status}, not ready")
+        job = Job(kind="sweep", spec=spec.model_dump(), settings=_settings_record(),
+                  dataset_id=ds.id)
+        s.add(job)
+        s.flush()
+        return job.id

@@ -6,7 +6,7 @@ from typing import Any
 
 from sqlalchemy import func, select
 
-from shared import registry
+from shared import registry, sweeps
 from shared.db import session_scope
 from shared.schema import DONE, Dataset, Job, Metric, Model, Run, Shard
 from shared.state import get_job, get_run
@@ -145,3 +145,16 @@ def model_detail(ref: str) -> dict[str, Any]:
         out.update(dataset=dataset.name, test=m.metrics, weights_sha256=m.weights_sha256,
                    config=m.config, lineage=m.lineage)
         return out
+
+
+def sweep_detail(job_id: int) -> dict[str, Any]:
+    """A sweep's trials and best (``captrain sweep show``). Raises NotFound, or
+    StateError for a job that is not a sweep."""
+    with session_scope() as s:
+        return sweeps.summary(s, job_id)
+
+
+def list_sweeps() -> list[dict[str, Any]]:
+    """Every sweep, newest first (``captrain sweeps``)."""
+    with session_scope() as s:
+        return sweeps.list_sweeps(s)

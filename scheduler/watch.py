@@ -23,7 +23,7 @@ from rich.progress import (
 )
 from sqlalchemy import func, select
 
-from shared import liveness
+from shared import liveness, sweeps
 from shared.db import session_scope
 from shared.schema import DONE, RUNNING, Metric, Run, Shard, utcnow
 from shared.state import ENDED, get_job
@@ -34,7 +34,8 @@ STALL_S = 20.0  # seconds without progress before watch says why
 def stall_reasons(job_id: int, kind: str) -> list[str]:
     """Why job ``job_id`` may be making no progress, in words: its work held by a
     worker whose heartbeat stopped, or no live worker serving its queue."""
-    queue = "gpu" if kind == "train" else "cpu"
+    # A sweep's trials train on the gpu queue; its steps run on the cpu queue.
+    queues = {"train": ["gpu"], "sweep": ["gpu", "cpu"]}.get(kind, ["cpu"])
     seen, now = liveness.last_seen(), utcnow()
     live = liveness.alive(seen, now)
     with session_scope() as s:
@@ -47,9 +48,10 @@ def stall_reasons(job_id: int, kind: str) -> list[str]:
                 .where(Shard.job_id == job_id, Shard.status == RUNNING))]
     reasons = [f"{what} was held by {w}, gone for {(now - seen[w]).total_seconds():.0f} s; "
                "the reconciler re-sends it" for what, w in held if w in seen and w not in live]
-    if not liveness.serving(queue):
-        reasons.append(f"no live worker serves the {queue} queue "
-                       f"(start one: captrain worker -Q {queue})")
+    for queue in queues:
+        if not liveness.serving(queue):
+            reasons.append(f"no live worker serves the {queue} queue "
+                           f"(start one: captrain worker -Q {queue})")
     return reasons
 
 
@@ -57,7 +59,11 @@ def _poll(job_id: int) -> dict[str, Any]:
     with session_scope() as s:
         job = get_job(s, job_id)
         state: dict[str, Any] = {"status": job.status, "kind": job.kind, "error": job.error}
-        if job.kind == "train":
+        if job.kind == "sweep":
+            view = sweeps.summary(s, job_id)
+            state.update(done=sum(view["counts"][k] for k in sweeps.FINAL),
+                         total=view["trials_wanted"], best=(view["best"] or {}).get("value"))
+        elif job.kind == "train":
             run = s.execute(select(Run).where(Run.job_id == job_id)).scalar_one()
             state.update(done=run.epochs_done, total=int(job.spec["epochs"]), run_id=run.id)
             last = {
@@ -85,7 +91,7 @@ def wait(job_id: int, console: Console, interval: float = 0.5, quiet: bool = Fal
     """Block until the job ends; return its final status. Says what the reconciler
     re-sent, and why progress stalls after ``stall_s`` seconds. Raises NotFound."""
     state = _poll(job_id)
-    unit = "epochs" if state["kind"] == "train" else "shards"
+    unit = {"train": "epochs", "sweep": "trials"}.get(state["kind"], "shards")
     columns = [
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
         TaskProgressColumn(), TextColumn("{task.fields[info]}"),
@@ -102,6 +108,8 @@ def wait(job_id: int, console: Console, interval: float = 0.5, quiet: bool = Fal
                 v = state["val"]
                 info = (f"loss {v.get('loss', 0):.3f} char {v.get('char_acc', 0):.3f} "
                         f"seq {v.get('seq_acc', 0):.3f}")
+            elif state["kind"] == "sweep":
+                info = "" if state["best"] is None else f"best {state['best']:.4f}"
             elif state["kind"] != "train":
                 rate = state["items"] / max(time.monotonic() - started, 1e-6)
                 info = f"{state['items']} items {rate:.0f}/s"

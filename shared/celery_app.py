@@ -20,6 +20,7 @@ TRAIN = "captrain.train"
 PING = "captrain.ping"
 EXPLORE = "captrain.explore"  # statistics and plots of a dataset (iris)
 REPORT = "captrain.report"  # curves, prediction grid and confusion plots of a run
+SWEEP_STEP = "captrain.sweep_step"  # ask a sweep's sampler for trials, or finish it
 
 QUEUES = ("cpu", "gpu")
 ROUTES = {
@@ -28,6 +29,7 @@ ROUTES = {
     PING: {"queue": "cpu"},
     EXPLORE: {"queue": "cpu"},
     REPORT: {"queue": "cpu"},
+    SWEEP_STEP: {"queue": "cpu"},
     TRAIN: {"queue": "gpu"},
 }
 

@@ -19,8 +19,16 @@ from kombu.exceptions import OperationalError as KombuOperationalError
 from redis.exceptions import RedisError
 from sqlalchemy import select
 
-from shared import inflight
-from shared.celery_app import EXPLORE, GENERATE_SHARD, REPORT, SPLIT_SHARD, TRAIN, app
+from shared import inflight, sweeps
+from shared.celery_app import (
+    EXPLORE,
+    GENERATE_SHARD,
+    REPORT,
+    SPLIT_SHARD,
+    SWEEP_STEP,
+    TRAIN,
+    app,
+)
 from shared.db import session_scope
 from shared.errors import BrokerUnavailable
 from shared.schema import PENDING, RUNNING, Run, Shard
@@ -43,6 +51,8 @@ class Work:
     run_id: int | None = None  # an unfinished run
     time_limit: int = 0  # the run's hard limit, seconds, from its stored spec
     analysis: bool = False  # an explore or report task
+    step: bool = False  # a sweep's step: a free slot to fill, or the sweep to finish
+    label: str = ""  # what Flower shows for a sweep's trial: "sweep 3 trial 7"
 
     def messages(self) -> list[tuple[str, tuple[Any, ...]]]:
         """(task name, args) of each message that would do this work."""
@@ -50,6 +60,8 @@ class Work:
             return [(SHARD_TASKS[self.kind], (self.job_id, i)) for i in self.shards]
         if self.run_id is not None:
             return [(TRAIN, (self.run_id, self.job_id))]
+        if self.step:
+            return [(SWEEP_STEP, (self.job_id,))]
         return [(ANALYSIS_TASKS[self.kind], (self.job_id,))] if self.analysis else []
 
 
@@ -68,10 +80,14 @@ def outstanding(job_id: int) -> Work:
         elif job.kind == "train":
             run = s.execute(select(Run).where(Run.job_id == job_id)).scalar_one()
             if run.status not in ENDED:
-                work.run_id = run.id
-                work.time_limit = TrainSpec(**job.spec).time_limit
+                spec = TrainSpec(**job.spec)
+                work.run_id, work.time_limit = run.id, spec.time_limit
+                if spec.sweep is not None:
+                    work.label = f"sweep {spec.sweep} trial {spec.trial} "
         elif job.kind in ANALYSIS_TASKS:
             work.analysis = True
+        elif job.kind == "sweep":
+            work.step = sweeps.needs_step(s, job)
         return work
 
 
@@ -85,11 +101,12 @@ def _send(fn: Any, job_id: int) -> None:
         ) from exc
 
 
-def _signature(name: str, args: tuple[Any, ...], time_limit: int) -> Any:
+def _signature(name: str, args: tuple[Any, ...], time_limit: int, prefix: str = "") -> Any:
     # argsrepr is what Flower and `captrain workers` show instead of the bare ids.
     label = {GENERATE_SHARD: "job {} shard {}", SPLIT_SHARD: "job {} shard {}",
-             TRAIN: "run {} (job {})"}.get(name, "job {} " + name.rpartition(".")[2])
-    options: dict[str, Any] = {"argsrepr": label.format(*args), "kwargsrepr": "{}"}
+             TRAIN: "run {} (job {})", SWEEP_STEP: "sweep {} step"
+             }.get(name, "job {} " + name.rpartition(".")[2])
+    options: dict[str, Any] = {"argsrepr": prefix + label.format(*args), "kwargsrepr": "{}"}
     if name == TRAIN:
         # The hard limit from the spec, and a soft limit a minute earlier: the task
         # then fails cleanly, in Python, with its last epoch checkpoint kept.
@@ -102,7 +119,7 @@ def send(work: Work, skip: set[tuple[str, tuple[Any, ...]]] | None = None) -> in
     sent. Raises BrokerUnavailable (the job stays recorded in SQL)."""
     messages = [(name, args) for name, args in work.messages()
                 if (name, args) not in (skip or set())]
-    sigs = [_signature(name, args, work.time_limit) for name, args in messages]
+    sigs = [_signature(name, args, work.time_limit, work.label) for name, args in messages]
     keys = [inflight.key(name, args) for name, args in messages]
     # Marked as being sent before publishing, so that a worker's receipt always comes
     # after the marker it clears; moved to queued after. A sender that dies in

@@ -15,6 +15,7 @@ message on one line and exits non-zero, with no traceback.
     │   ├── LeaseLost      another process took over a run this one trained
     │   └── Cancelled      the user cancelled the job a task is working on
     ├── StopRequested      a warm shutdown: training checkpointed and stops
+    ├── Pruned             a sweep's pruner stopped a trial at an epoch's end
     └── TransientError     a lost database or broker connection; tasks retry it
         ├── DatabaseUnavailable
         └── BrokerUnavailable
@@ -81,6 +82,13 @@ class StopRequested(CaptrainError):
     checkpoint was saved first, and the message goes back to the queue."""
 
     exit_code = 9
+
+
+class Pruned(CaptrainError):
+    """A sweep's trial fell below its pruner's bar at an epoch's end (whose metrics
+    and checkpoint are stored): the run stops there, marked pruned."""
+
+    exit_code = 1
 
 
 class TransientError(CaptrainError):

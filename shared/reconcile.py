@@ -32,7 +32,7 @@ from typing import Any
 from sqlalchemy import select
 
 from shared import inflight, liveness
-from shared.celery_app import TRAIN
+from shared.celery_app import SWEEP_STEP, TRAIN
 from shared.db import session_scope
 from shared.dispatch import SHARD_TASKS, Work, outstanding, send
 from shared.errors import BrokerUnavailable
@@ -57,6 +57,8 @@ class Message:
     def what(self) -> str:
         if self.name in SHARD_TASKS.values():
             return f"shard {self.args[1]}"
+        if self.name == SWEEP_STEP:
+            return "the sweep's next step"
         return f"run {self.args[0]}" if self.name == TRAIN else f"{self.work.kind} task"
 
 

@@ -28,6 +28,7 @@ from sqlalchemy import (
     false,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.types import TypeDecorator
 
 # Named constraints so that Alembic migrations are the same on SQLite and PostgreSQL.
 NAMING = {
@@ -43,18 +44,39 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+class UTCDateTime(TypeDecorator[datetime]):
+    """A timestamp in UTC, timezone-aware in Python on every database. SQLite stores it
+    without an offset and gives it back naive: comparing that with an aware time
+    (in Python, as the ORM does to keep a session in step with an UPDATE ... WHERE
+    heartbeat_at < :stale) would raise. Same DDL as ``DateTime(timezone=True)``."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        return value.astimezone(UTC) if value.tzinfo else value.replace(tzinfo=UTC)
+
+    def process_result_value(self, value: datetime | None, dialect: Any
+                             ) -> datetime | None:
+        return value.replace(tzinfo=UTC) if value is not None and value.tzinfo is None \
+            else value
+
+
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING)
 
 
 # Status values. Plain strings, so that a status is readable in psql and in --json.
 PENDING, RUNNING, DONE, FAILED, CANCELLED = "pending", "running", "done", "failed", "cancelled"
+PRUNED = "pruned"  # a sweep's trial that its pruner stopped at an epoch's end
 READY = "ready"
 SPLITS = ("train", "val", "test")
 
 
 class Job(Base):
-    """One user request: generate, import, split, train, explore or report."""
+    """One user request: generate, import, split, train, explore, report or sweep."""
 
     __tablename__ = "jobs"
 
@@ -75,8 +97,8 @@ class Job(Base):
     # that a message that kills its worker each time ends failed; jobs made of shards
     # or a run count on those rows instead.
     attempts: Mapped[int] = mapped_column(Integer, default=0)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), default=None)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), default=None)
 
     shards: Mapped[list[Shard]] = relationship(back_populates="job", order_by="Shard.index")
 
@@ -99,7 +121,7 @@ class Dataset(Base):
     layout_job_id: Mapped[int | None] = mapped_column(ForeignKey("jobs.id"), default=None)
     # What the kind needs beyond the columns: for audio, the sample rate.
     meta: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 
 class Shard(Base):
@@ -121,7 +143,7 @@ class Shard(Base):
     worker: Mapped[str | None] = mapped_column(String(255), default=None)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     error: Mapped[str | None] = mapped_column(Text, default=None)
-    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), default=None)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), default=None)
 
     job: Mapped[Job] = relationship(back_populates="shards")
 
@@ -144,13 +166,15 @@ class Run(Base):
     )
     resumed_from: Mapped[int | None] = mapped_column(Integer, default=None)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # When training first began (a sweep's trial time is finished_at - started_at).
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), default=None)
     # The lease: which process ("host:pid") trains this run, and when it last said so.
     # A second delivery of the train message finds a live lease and stands down.
     lease_owner: Mapped[str | None] = mapped_column(String(255), default=None)
-    heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), default=None)
+    heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), default=None)
     error: Mapped[str | None] = mapped_column(Text, default=None)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), default=None)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), default=None)
 
 
 class Metric(Base):
@@ -191,7 +215,7 @@ class Model(Base):
     metrics: Mapped[dict[str, Any]] = mapped_column(JSON)
     # What produced it: dataset and shard hashes, spec, settings, versions, device.
     lineage: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 
 class ModelAlias(Base):
@@ -203,7 +227,7 @@ class ModelAlias(Base):
     name: Mapped[str] = mapped_column(String(64), primary_key=True)
     alias: Mapped[str] = mapped_column(String(64), primary_key=True)
     model_id: Mapped[int] = mapped_column(ForeignKey("models.id"), index=True)
-    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 
 class Analysis(Base):
@@ -216,7 +240,7 @@ class Analysis(Base):
     kind: Mapped[str] = mapped_column(String(16))  # explore | report
     subject: Mapped[str] = mapped_column(String(64))  # a dataset name or "run <id>"
     summary: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
     files: Mapped[list[AnalysisFile]] = relationship(order_by="AnalysisFile.name")
 
@@ -240,7 +264,7 @@ class Artifact(Base):
     size: Mapped[int] = mapped_column(BigInteger)
     chunks: Mapped[int] = mapped_column(Integer)
     media_type: Mapped[str] = mapped_column(String(64))
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 
 class ArtifactChunk(Base):
@@ -265,8 +289,8 @@ class WorkerBeat(Base):
     name: Mapped[str] = mapped_column(String(255), primary_key=True)  # Celery hostname
     pid: Mapped[int] = mapped_column(Integer)
     queues: Mapped[str] = mapped_column(String(255))  # comma-separated
-    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    seen_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    seen_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 
 class Recovery(Base):
@@ -277,5 +301,26 @@ class Recovery(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), index=True)
-    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     message: Mapped[str] = mapped_column(Text)
+
+
+class Trial(Base):
+    """One trial of a sweep: its train job and run, and what the sampler drew for it.
+    Its state and values are its run's status and metrics (``shared.sweeps``)."""
+
+    __tablename__ = "trials"
+    __table_args__ = (
+        UniqueConstraint("sweep_job_id", "number", name="uq_trials_sweep_number"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    sweep_job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), index=True)
+    number: Mapped[int] = mapped_column(Integer)  # 0, 1, ... in the order asked
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), unique=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id"), unique=True)
+    params: Mapped[dict[str, Any]] = mapped_column(JSON)
+    # Optuna's JSON of each parameter's distribution, and what its sampler and pruner
+    # recorded on the trial (a grid point, successive halving's rungs).
+    distributions: Mapped[dict[str, Any]] = mapped_column(JSON)
+    system_attrs: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)

@@ -178,7 +178,7 @@ CRNN_COLUMNS_PER_STEP = 4  # an image crnn gives one CTC time step per 4 input c
 
 # Pydantic models are ABCs, so a field named "register" hides ABCMeta.register on the
 # class, which no one calls on a spec; instances read the field as any other.
-warnings.filterwarnings("ignore", message='Field name "register" in "TrainSpec" shadows',
+warnings.filterwarnings("ignore", message='Field name "register" in "(Train|Sweep)Spec" shadows',
                         category=UserWarning)
 
 
@@ -212,6 +212,32 @@ class TrainSpec(_Spec):
     # The model name the finished run becomes the next version of (shared.registry).
     # None: the dataset's name, which planning writes into the stored spec.
     register: Name | None = None
+    # Width of the first convolution (later ones are multiples). None: the model's own.
+    channels: int | None = Field(None, ge=4, le=512)
+    # Set on a sweep's trials: the sweep job and the trial's number.
+    sweep: int | None = Field(None, ge=1)
+    trial: int | None = Field(None, ge=0)
+
+
+SweepMetric = Literal["val_seq_acc", "val_char_acc", "val_loss"]
+
+
+class SweepSpec(_Spec):
+    """A hyperparameter search: ``trials`` train jobs, ``parallel`` at a time, drawn by
+    ``sampler`` over ``space`` (``shared.space`` dimensions, as dicts), with
+    ``base`` the train-spec values every trial shares."""
+
+    dataset: Name
+    trials: int = Field(8, ge=1, le=1000)
+    parallel: int = Field(2, ge=1, le=64)
+    metric: SweepMetric = "val_seq_acc"
+    space: list[dict[str, Any]] = Field(min_length=1)
+    sampler: Literal["tpe", "random", "grid"] = "tpe"
+    pruner: Literal["median", "asha", "none"] = "median"
+    seed: int = Field(0, ge=0, le=MAX_SEED)
+    base: dict[str, Any] = Field(default_factory=dict)
+    # The model name the trials register as; None: DATASET-sweepID.
+    register: Name | None = None
 
 
 class ExploreSpec(_Spec):
@@ -224,14 +250,21 @@ REPORT_LIMIT_MAX = 100_000
 
 
 class ReportSpec(_Spec):
-    """A report on a finished run (``captrain report``)."""
+    """A report on a finished run, or on a sweep (``captrain report``)."""
 
-    run: int = Field(ge=1)
+    run: int | None = Field(None, ge=1)
+    sweep: int | None = Field(None, ge=1)  # instead of a run: the sweep's plots
     # Names the job in `captrain jobs`, as it does for training; filled in by planning.
     dataset: Name | None = None
     # Test items read, at most: a report is a look, not a re-evaluation of a
     # million-item test split.
     limit: int = Field(1000, ge=1, le=REPORT_LIMIT_MAX, description="test items")
+
+    @model_validator(mode="after")
+    def _one_subject(self) -> ReportSpec:
+        if (self.run is None) == (self.sweep is None):
+            raise ValueError("a report is on a run or on a sweep")
+        return self
 
 
 def default(spec: type[BaseModel], field: str) -> Any:

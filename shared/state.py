@@ -24,18 +24,21 @@ from shared.schema import (
     DONE,
     FAILED,
     PENDING,
+    PRUNED,
     READY,
     RUNNING,
     Analysis,
     Dataset,
     Job,
+    Model,
     Run,
     Shard,
+    Trial,
     utcnow,
 )
 from shared.settings import get_settings
 
-ENDED = (DONE, CANCELLED, FAILED)
+ENDED = (DONE, CANCELLED, FAILED, PRUNED)
 # Jobs that lay out a dataset's shards: the dataset is ready when they are done.
 LAYOUT_KINDS = ("generate", "split")
 IMPORTED = "imported"  # a dataset of source shards, not yet split
@@ -139,7 +142,39 @@ def start_run(session: Session, run: Run, worker: str, device: str) -> None:
     job = get_job(session, run.job_id)
     run.status = job.status = RUNNING
     run.worker, run.device = worker, device
+    run.started_at = run.started_at or utcnow()
 
+
+def prune_run(session: Session, run_id: int) -> None:
+    """Mark a sweep's trial run and its job pruned: its sweep's pruner stopped it at an
+    epoch's end, whose metrics are stored. A run already ended is left as it is."""
+    run = get_run(session, run_id)
+    job = get_job(session, run.job_id)
+    if run.status in ENDED:
+        return
+    run.status = job.status = PRUNED
+    run.finished_at = job.finished_at = utcnow()
+
+
+def start_sweep(job: Job) -> None:
+    """A sweep's first step asked for trials: the sweep runs."""
+    if job.status == PENDING:
+        job.status = RUNNING
+
+
+def finish_sweep(session: Session, job: Job, best_run: int | None,
+                 error: str | None) -> None:
+    """Every trial of sweep ``job`` ended: it is done, and the registry alias ``best``
+    of its model name points at ``best_run``'s version; or, with no trial complete,
+    it fails with ``error`` (None: every trial was pruned, which is done, with no
+    best)."""
+    from shared import registry  # the registry reads the state module's rows
+
+    if best_run is not None:
+        model = session.execute(select(Model).where(Model.run_id == best_run)).scalar_one()
+        registry.set_alias(session, f"{model.name}@{model.version}", "best")
+    job.status = FAILED if error else DONE
+    job.error, job.finished_at = error, utcnow()
 
 def finish_run(session: Session, run_id: int, resumed_from: int | None) -> None:
     """Mark the run and its job done, inside the transaction that stored its model."""
@@ -224,9 +259,10 @@ def fail_job(job_id: int, error: str, index: int | None = None) -> None:
             s.execute(update(Shard)
                       .where(Shard.job_id == job_id, Shard.index == index, Shard.status != DONE)
                       .values(status=FAILED, error=error))
-        s.execute(update(Job).where(Job.id == job_id, Job.status.notin_([DONE, CANCELLED]))
+        s.execute(update(Job).where(Job.id == job_id,
+                                    Job.status.notin_([DONE, CANCELLED, PRUNED]))
                   .values(status=FAILED, error=error, finished_at=utcnow()))
-        s.execute(update(Run).where(Run.job_id == job_id, Run.status != DONE)
+        s.execute(update(Run).where(Run.job_id == job_id, Run.status.notin_([DONE, PRUNED]))
                   .values(status=FAILED, error=error, finished_at=utcnow()))
         ds = _layout_dataset(s, job_id)
         if ds is not None:
@@ -255,6 +291,13 @@ def cancel_job(job_id: int) -> bool:
         if ds is not None:
             s.execute(update(Dataset).where(Dataset.id == ds, Dataset.status != READY)
                       .values(status=CANCELLED))
+        if job.kind == "sweep":
+            # Its unfinished trials with it: each stops at its next heartbeat.
+            trials = select(Trial.job_id).where(Trial.sweep_job_id == job_id)
+            s.execute(update(Job).where(Job.id.in_(trials), Job.status.notin_(ENDED))
+                      .values(status=CANCELLED, finished_at=utcnow()))
+            s.execute(update(Run).where(Run.job_id.in_(trials), Run.status.notin_(ENDED))
+                      .values(status=CANCELLED, finished_at=utcnow()))
         return True
 
 

@@ -53,10 +53,13 @@ def model_config(dataset: Dataset, spec: TrainSpec) -> ModelConfig:
             in_width=clip_frames(dataset.length, rate, AUDIO_HOP),
             image_height=0, image_width=0, modality="audio", sample_rate=rate,
             n_mels=AUDIO_MELS, hop=AUDIO_HOP, n_fft=2 * AUDIO_HOP,
-            channels=AUDIO_CHANNELS[trunk], time_pool=AUDIO_TIME_POOL, trunk=trunk,
+            channels=spec.channels or AUDIO_CHANNELS[trunk], time_pool=AUDIO_TIME_POOL,
+            trunk=trunk,
         )
     in_height, in_width = image_input_size(dataset.kind, dataset.height, dataset.width,
                                            spec.scale)
+    if spec.channels:
+        common["channels"] = spec.channels
     return ModelConfig(
         **common, in_height=in_height, in_width=in_width,
         image_height=dataset.height, image_width=dataset.width, preprocess=kind.preprocess,

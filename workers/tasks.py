@@ -25,7 +25,16 @@ from celery.utils.log import get_task_logger
 from celery.utils.time import get_exponential_backoff_interval
 
 from shared import inflight
-from shared.celery_app import EXPLORE, GENERATE_SHARD, PING, REPORT, SPLIT_SHARD, TRAIN, app
+from shared.celery_app import (
+    EXPLORE,
+    GENERATE_SHARD,
+    PING,
+    REPORT,
+    SPLIT_SHARD,
+    SWEEP_STEP,
+    TRAIN,
+    app,
+)
 from shared.db import dispose_all, get_engine
 from shared.errors import (
     Cancelled,
@@ -38,7 +47,7 @@ from shared.errors import (
 from shared.settings import get_settings
 from shared.state import fail_job
 from workers import keeper  # noqa: F401  (its signals: heartbeat, reconciler, markers)
-from workers.jobs import analyses, shards, training
+from workers.jobs import analyses, shards, sweeps, training
 
 log = get_task_logger(__name__)
 HOST = socket.gethostname()
@@ -196,9 +205,13 @@ def split_shard(self: CaptrainTask, job_id: int, index: int) -> str | None:
 # limit (Celery's default is 3, and retry(max_retries=None) means that default).
 @app.task(name=TRAIN, base=CaptrainTask, bind=True, max_retries=None)
 def train(self: CaptrainTask, run_id: int, job_id: int) -> dict[str, Any] | None:
-    """Train run ``run_id`` (of job ``job_id``), resuming from its last checkpoint."""
-    result = self.run_job(job_id, None, lambda: training.train_run(
-        run_id, self.worker, self.epoch_progress, self.new_attempt()))
+    """Train run ``run_id`` (of job ``job_id``), resuming from its last checkpoint; a
+    sweep's trial that ended (done, pruned or failed) sends its sweep's next step."""
+    try:
+        result = self.run_job(job_id, None, lambda: training.train_run(
+            run_id, self.worker, self.epoch_progress, self.new_attempt()))
+    finally:
+        training.after_trial(run_id)
     if result is training.HELD:
         # A live process trains this run. Look again once its lease could have gone
         # stale: if that process died on another host, this copy takes over; if the
@@ -219,6 +232,12 @@ def report(self: CaptrainTask, job_id: int) -> int | None:
     """Render the report of report job ``job_id``; returns the analysis id."""
     return self.run_job(job_id, None,
                         lambda: analyses.run_report(job_id, self.new_attempt()))
+
+
+@app.task(name=SWEEP_STEP, base=CaptrainTask, bind=True)
+def sweep_step(self: CaptrainTask, job_id: int) -> list[int] | None:
+    """Fill sweep ``job_id``'s free trial slots, or finish it; returns new train jobs."""
+    return self.run_job(job_id, None, lambda: sweeps.run_step(job_id))
 
 
 @app.task(name=PING)

@@ -3,9 +3,9 @@
 A user's mistake prints one ``error:`` line and exits non-zero, with no traceback.
 People get rich tables and progress bars; scripts get ``--json``.
 
-The commands live by area (services, data, training, jobs, analysis, models); what they
-print lives in ``render``. Here they become one ``app``, and every CaptrainError
-becomes its exit code.
+The commands live by area (services, data, training, jobs, analysis, models, export,
+serve, sweeps); what they print lives in ``render``. Here they become one ``app``, and
+every CaptrainError becomes its exit code.
 """
 
 from __future__ import annotations
@@ -15,7 +15,17 @@ from typing import Any
 import typer
 from typer.core import TyperGroup
 
-from scheduler.cli import analysis, data, export, jobs, models, serve, services, training
+from scheduler.cli import (
+    analysis,
+    data,
+    export,
+    jobs,
+    models,
+    serve,
+    services,
+    sweeps,
+    training,
+)
 from scheduler.cli.render import err_console
 from shared.errors import CaptrainError
 
@@ -39,10 +49,11 @@ class _Group(TyperGroup):
 
 app = typer.Typer(cls=_Group, no_args_is_help=True, add_completion=False,
                   help="Train captcha recognizers over a Celery task queue.")
-for _area in (services, data, training, jobs, analysis, models, serve, export):
+for _area in (services, data, training, jobs, analysis, models, serve, export, sweeps):
     app.registered_commands.extend(_area.commands.registered_commands)
 app.add_typer(services.db_commands, name="db", cls=_Group)
 app.add_typer(models.group, name="models", cls=_Group)
+app.add_typer(sweeps.group, name="sweep", cls=_Group)
 
 
 def main() -> None:

@@ -134,6 +134,27 @@ def show_run(d: dict[str, Any]) -> None:
                       f"{[round(p, 4) for p in t['per_position']]} ({t['count']} items)")
 
 
+def show_sweep(d: dict[str, Any]) -> None:
+    """A sweep: its trials, one row each with what was drawn, and its best."""
+    c = d["counts"]
+    console.print(f"sweep {d['sweep']} on {d['dataset']}: {d['status']}; {d['metric']} "
+                  f"({d['direction']}), {d['sampler']} sampler, {d['pruner']} pruner; "
+                  f"{c['complete']} complete, {c['pruned']} pruned, {c['failed']} failed, "
+                  f"{c['running']} running of {d['trials_wanted']}", highlight=False)
+    rows = [{"trial": t["number"], "state": t["state"], "value": t["value"],
+             "params": " ".join(f"{k}={fmt(v)}" for k, v in t["params"].items()),
+             "run": t["run"], "epochs": t["epochs"]} for t in d["trials"]]
+    if rows:
+        emit(rows, False, ["trial", "state", "value", "params", "run", "epochs"], "trials",
+             optional=["epochs", "run"])
+    b = d["best"]
+    if b is not None:
+        console.print(f"best: trial {b['number']} (run {b['run']}), {d['metric']} "
+                      f"{b['value']:.4f}, {b['params']}; model {b['model']}", highlight=False)
+    if d["error"]:
+        console.print(f"error: {d['error']}", highlight=False)
+
+
 def show_explore(summary: dict[str, Any]) -> None:
     """Explore's statistics: one table per attribute, and the covariance."""
     # Statistics down and classes across: it fits 80 columns.

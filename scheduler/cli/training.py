@@ -20,6 +20,15 @@ from shared.spec import TrainSpec, default, validate
 commands = typer.Typer()
 RegisterOpt = Annotated[str | None, typer.Option(
     help="The model name the finished run adds a version to (default: the dataset's).")]
+LoaderWorkersOpt = Annotated[int | None, typer.Option(
+    help="Processes decoding shards (default: 0 on CPU, up to 8 on CUDA).")]
+CompileOpt = Annotated[bool, typer.Option(
+    "--compile", help="torch.compile the model (compiles for minutes first).")]
+ChannelsOpt = Annotated[int | None, typer.Option(
+    help="Width of the first convolution (default: the model's own).")]
+PrecisionOpt = Annotated[str, typer.Option(
+    help="auto (bf16 where the hardware computes it: CUDA, or a CPU with AMX or "
+         "AVX512-BF16), fp32 or bf16.")]
 
 
 @commands.command()
@@ -48,12 +57,10 @@ def train(
     augment: Annotated[str, typer.Option(
         help="Training-time distortions: none, light or strong.")
     ] = default(TrainSpec, "augment"),
-    loader_workers: Annotated[int | None, typer.Option(
-        help="Processes decoding shards (default: 0 on CPU, up to 8 on CUDA).")
-    ] = default(TrainSpec, "loader_workers"),
-    compile: Annotated[bool, typer.Option(
-        "--compile", help="torch.compile the model (compiles for minutes first).")
-    ] = default(TrainSpec, "compile"),
+    loader_workers: LoaderWorkersOpt = default(TrainSpec, "loader_workers"),
+    compile: CompileOpt = default(TrainSpec, "compile"),
+    channels: ChannelsOpt = default(TrainSpec, "channels"),
+    precision: PrecisionOpt = default(TrainSpec, "precision"),
     preset: Annotated[str | None, typer.Option(
         help="digits4 or digits-upper4: the model, epochs, lr, batch size, augmentation "
              "and scale of an accuracy target; options given here still win.")] = None,
@@ -69,7 +76,8 @@ def train(
     values: dict[str, Any] = {
         "model": model, "epochs": epochs, "batch_size": batch_size, "lr": lr,
         "device": device, "seed": seed, "scale": scale, "time_limit": time_limit,
-        "augment": augment, "loader_workers": loader_workers, "compile": compile}
+        "augment": augment, "loader_workers": loader_workers, "compile": compile,
+        "channels": channels, "precision": precision}
     if preset is not None:
         given = {k for k in values
                  if getattr(ctx.get_parameter_source(k), "name", "DEFAULT") != "DEFAULT"}

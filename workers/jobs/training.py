@@ -19,17 +19,18 @@ from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from shared import registry
+from shared import registry, sweeps
 from shared.artifacts import delete_if_unreferenced, put_bytes, read_verified
 from shared.db import session_scope
-from shared.errors import StateError, StopRequested
+from shared.dispatch import send_job
+from shared.errors import Pruned, StateError, StopRequested
 from shared.kinds import kind_of
 from shared.lease import acquire_run, heartbeat, release_run
 from shared.metrics import upsert_metrics
 from shared.schema import DONE, READY, Dataset, Model, Run, Shard, utcnow
 from shared.settings import get_settings
 from shared.spec import TrainSpec
-from shared.state import finish_run, get_job, get_run, start_run
+from shared.state import ENDED, finish_run, get_job, get_run, prune_run, start_run
 from workers.loop import Hooks
 from workers.shutdown import stop_requested
 
@@ -65,6 +66,12 @@ def train_run(run_id: int, worker: str, progress: EpochProgress | None = None,
         return HELD if lease == "held" else None
     try:
         return _train_leased(run_id, owner, worker, progress)
+    except Pruned as exc:
+        with session_scope() as s:
+            prune_run(s, run_id)
+        release_run(run_id, owner)
+        log.info("run %s: %s", run_id, exc)
+        return {"pruned": str(exc)}
     except StopRequested:
         release_run(run_id, owner, give_back_attempt=count_attempt)
         raise
@@ -82,9 +89,10 @@ class RunRecorder(Hooks):
     interrupts = (SoftTimeLimitExceeded,)
 
     def __init__(self, run_id: int, owner: str, train_items: int, epochs: int,
-                 progress: EpochProgress | None = None) -> None:
+                 progress: EpochProgress | None = None, trial: bool = False) -> None:
         self.run_id, self.owner = run_id, owner
         self.train_items, self.epochs, self.progress = train_items, epochs, progress
+        self.trial = trial  # a sweep's trial: its pruner may stop it at an epoch's end
         self.beat_every = get_settings().heartbeat_seconds
         self.last_beat = time.monotonic()
 
@@ -105,6 +113,11 @@ class RunRecorder(Hooks):
             self._store_checkpoint(s, checkpoint).epochs_done = epoch
         if self.progress is not None:
             self.progress(epoch, epoch * self.train_items, self.epochs * self.train_items, val)
+        if self.trial and epoch < self.epochs:
+            from workers.jobs.sweeps import should_prune  # Optuna, for trials only
+
+            if should_prune(self.run_id, epoch):
+                raise Pruned(f"pruned after epoch {epoch} of {self.epochs}")
 
     def on_interrupt(self, checkpoint: dict[str, Any]) -> None:
         # Mid-epoch: keep the position so that the next delivery resumes right here.
@@ -191,7 +204,8 @@ def _train_leased(run_id: int, owner: str, worker: str, progress: EpochProgress 
     loaders = {name: _loader(name, splits[name], cfg, spec, device, dataset)
                for name in ("train", "val", "test")}
     train_items = sum(c for _, c in splits["train"])
-    recorder = RunRecorder(run_id, owner, train_items, spec.epochs, progress)
+    recorder = RunRecorder(run_id, owner, train_items, spec.epochs, progress,
+                           trial=spec.sweep is not None)
     try:
         result = fit(cfg, train=loaders["train"], val=loaders["val"], test=loaders["test"],
                      epochs=spec.epochs, lr=spec.lr, seed=spec.seed, device=device,
@@ -202,6 +216,21 @@ def _train_leased(run_id: int, owner: str, worker: str, progress: EpochProgress 
     recorder.finish(dataset.id, result.model, cfg.to_dict(), spec.epochs, result.test,
                     result.resumed_from)
     return result.test
+
+
+def after_trial(run_id: int) -> None:
+    """If run ``run_id`` is a sweep's trial and has ended, send its sweep's next step
+    (should this be lost, the reconciler sends it: the sweep then has a free slot).
+    Never raises: the trial's own outcome is what its task reports."""
+    try:
+        with session_scope() as s:
+            sweep = sweeps.sweep_of_run(s, run_id)
+            ended = sweep is not None and get_run(s, run_id).status in ENDED
+        if ended and sweep is not None:
+            send_job(sweep)
+    except Exception as exc:
+        log.warning("run %s: its sweep's next step not sent (the reconciler will): %s",
+                    run_id, exc)
 
 
 def _shards_by_split(dataset: Dataset) -> dict[str, list[tuple[str, int]]]:

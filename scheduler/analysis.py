@@ -15,6 +15,7 @@ from typing import Any
 from rich.console import Console
 from sqlalchemy import select
 
+from shared import sweeps
 from shared.artifacts import read_verified
 from shared.db import session_scope
 from shared.errors import CaptrainError, InputError, NotFound, SpecError, StateError
@@ -92,6 +93,21 @@ def plan_report(run_id: int, limit: int = default(ReportSpec, "limit")) -> int:
                              f"images or audio (see `captrain run {run_id}`)")
         name, dataset_id = dataset.name, dataset.id
     spec = spec.model_copy(update={"dataset": name})
+    return _record_job("report", spec.model_dump(), dataset_id)
+
+
+def plan_sweep_report(sweep_id: int) -> int:
+    """Write a report job for sweep ``sweep_id``: Optuna's optimization history and
+    parameter importances. Returns the job id. Raises NotFound, or StateError for a
+    job that is not a sweep or a sweep with no trial yet; nothing is written then."""
+    with session_scope() as s:
+        job = get_job(s, sweep_id)
+        if job.kind != "sweep":
+            raise StateError(f"job {sweep_id} is a {job.kind} job, not a sweep")
+        if not sweeps.trials(s, sweep_id):
+            raise StateError(f"sweep {sweep_id} has no trial yet")
+        spec = validate(ReportSpec, sweep=sweep_id, dataset=job.spec["dataset"])
+        dataset_id = job.dataset_id
     return _record_job("report", spec.model_dump(), dataset_id)
 
 

@@ -123,7 +123,7 @@ class Reconciler:
 
     def run_pass(self) -> dict[str, int]:
         """One pass: re-send every confirmed lost message of every unfinished job.
-        Returns counts of re-sent shards, runs and analyses; of messages left alone
+        Returns counts of re-sent shards, runs, analyses and sweep steps; of messages left alone
         because they wait in a queue (``queued``) or a live worker holds them
         (``held``); and of those that look lost for the first time (``suspect``).
         Raises BrokerUnavailable (nothing is sent then)."""
@@ -155,8 +155,8 @@ class Reconciler:
             what, sent = _resend(job_id, msgs, messages, holders, seen, now)
             counts[what] += sent
         _sweep({m.key for m in messages}, live)
-        return {k: counts[k] for k in ("shards", "runs", "analyses", "queued", "held",
-                                       "suspect")}
+        return {k: counts[k] for k in ("shards", "runs", "analyses", "steps", "queued",
+                                       "held", "suspect")}
 
 
 def _resend(job_id: int, msgs: list[Message], messages: list[Message],
@@ -173,8 +173,8 @@ def _resend(job_id: int, msgs: list[Message], messages: list[Message],
     if len(msgs) > NOTES_PER_JOB:
         liveness.note(job_id, f"and {len(msgs) - NOTES_PER_JOB} more; re-sent")
     kind = msgs[0].work.kind
-    return ("shards" if kind in SHARD_TASKS else "runs" if kind == "train"
-            else "analyses"), sent
+    what = {"train": "runs", "sweep": "steps"}.get(kind, "analyses")
+    return ("shards" if kind in SHARD_TASKS else what), sent
 
 
 def reconcile(confirm_s: float | None = None) -> dict[str, int]:

@@ -73,8 +73,8 @@ def test_reconcile_resends_explore_jobs_whose_messages_were_lost(backend, start_
     assert _queued(backend) == 0
 
     sent = _ok("reconcile")
-    assert sent == {"shards": 0, "runs": 0, "analyses": 2, "queued": 0, "held": 0,
-                    "suspect": 0}
+    assert sent == {"shards": 0, "runs": 0, "analyses": 2, "steps": 0, "queued": 0,
+                    "held": 0, "suspect": 0}
     assert _queued(backend) == 2
     start_worker(backend, queues="cpu", concurrency=1)
     wait_for(lambda: _job(pending)[0] == _job(lost)[0] == "done", 120, what="both done")

@@ -189,7 +189,7 @@ FAST = {"CAPTRAIN_KEEPER_INTERVAL": "1", "CAPTRAIN_WORKER_DEAD_SECONDS": "5",
 @pytest.mark.integration
 @pytest.mark.timeout(600)
 def test_a_sweep_runs_its_trials_two_at_a_time_and_survives_a_killed_trial_worker(
-        backend, start_worker):
+        backend, start_worker, tmp_path):
     env = {**backend, **FAST}
     start_worker(env, queues="cpu", concurrency=1)
     gpu = [start_worker(env, queues="gpu", concurrency=1) for _ in range(2)]
@@ -229,6 +229,44 @@ def test_a_sweep_runs_its_trials_two_at_a_time_and_survives_a_killed_trial_worke
     assert dup == []
     best = _ok(["model", f"sw-sweep{sweep}@best"])
     assert best["run"] == shown["best"]["run"]
+    # `captrain report --sweep` draws Optuna's history and importances on a cpu worker.
+    report = _ok(["report", "--sweep", str(sweep), "--out", str(tmp_path / "report")])
+    assert {"history.png", "trials.csv", "index.html", "summary.json"} <= set(
+        report["files"]), report
+    complete = sum(t["state"] == "complete" for t in trials)
+    assert ("importances.png" in report["files"]) == (complete >= 2), report["notes"]
+    assert (tmp_path / "report" / "history.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    csv_rows = (tmp_path / "report" / "trials.csv").read_text().splitlines()
+    assert len(csv_rows) == 7 and csv_rows[0].startswith("number,state,value")
+
+
+def test_reconcile_and_retry_re_drive_a_sweep_whose_step_was_lost(sqlite_env):
+    """No worker runs: the sweep's first step waits in the queue. The broker loses it
+    (FLUSHDB): a reconcile sends it again. A failed sweep: retry sends a step."""
+    import redis
+
+    from shared.dispatch import send_job
+    from shared.reconcile import Reconciler
+    from shared.state import fail_job
+
+    _make_ready_dataset()
+    job_id = _plan(trials=2, parallel=1)
+    send_job(job_id)
+    queue = redis.Redis.from_url(sqlite_env["CAPTRAIN_BROKER_URL"])
+    assert _steps(queue, job_id) == 1
+    queue.flushdb()
+    reconciler = Reconciler(confirm_s=0)
+    assert reconciler.run_pass()["steps"] == 1 and _steps(queue, job_id) == 1
+    assert reconciler.run_pass()["queued"] == 1 and _steps(queue, job_id) == 1
+    fail_job(job_id, "a test failed it")
+    queue.flushdb()
+    again = _ok(["retry", str(job_id)])
+    assert again["status"] == "pending" and _steps(queue, job_id) == 1
+
+
+def _steps(queue, job_id: int) -> int:
+    return sum(json.loads(m)["headers"]["argsrepr"] == f"sweep {job_id} step"
+               for m in queue.lrange("cpu", 0, -1))
 
 
 def test_a_trials_message_names_its_sweep_and_number_for_flower(sqlite_env):

@@ -59,7 +59,7 @@ class Keeper(threading.Thread):
                 self.reconciler.forget()
                 return
             sent = self.reconciler.run_pass()
-            if sent["shards"] or sent["runs"] or sent["analyses"]:
+            if sent["shards"] or sent["runs"] or sent["analyses"] or sent["steps"]:
                 log.warning("reconciler re-sent lost work: %s", sent)
         except Exception as exc:
             log.warning("reconcile pass failed: %s", exc)

@@ -9,6 +9,7 @@ import typer
 
 from scheduler.cli.args import JsonOpt, OutOpt, parse_id
 from scheduler.cli.render import console, emit, err_console, show_explore, show_report
+from shared.errors import SpecError
 from shared.spec import ReportSpec, default
 
 commands = typer.Typer()
@@ -47,22 +48,30 @@ def explore(
 
 @commands.command()
 def report(
-    run_id: Annotated[str, typer.Argument(help="Id of a finished training run.")],
     out: Annotated[Path, typer.Option(
         "--out", help="Folder for index.html and its PNGs (created if missing).")],
+    run_id: Annotated[str | None, typer.Argument(help="Id of a finished training run.")
+                      ] = None,
+    sweep: Annotated[int | None, typer.Option(
+        help="Report on this sweep instead of a run: Optuna's optimization history and "
+             "parameter importances, and the trials.")] = None,
     limit: Annotated[int, typer.Option(
         help="Test items to read, at most (the first ones, in shard order).")
     ] = default(ReportSpec, "limit"),
     as_json: JsonOpt = False,
 ) -> None:
     """Training curves, a grid of test predictions and per-position confusion
-    matrices of a finished run, with an index.html; rendered on a cpu worker."""
+    matrices of a finished run, with an index.html; or, with --sweep, a sweep's
+    optimization history and parameter importances. Rendered on a cpu worker."""
     from scheduler import analysis
     from shared.dispatch import send_job
 
-    rid = parse_id(run_id, "run")
+    if (run_id is None) == (sweep is None):
+        raise SpecError("report on a RUN or on --sweep ID, one of them")
+    rid = None if run_id is None else parse_id(run_id, "run")
     analysis.check_out_dir(out)
-    job_id = analysis.plan_report(rid, limit)
+    job_id = (analysis.plan_report(rid, limit) if rid is not None
+              else analysis.plan_sweep_report(int(sweep or 0)))
     send_job(job_id)
     analysis.wait(job_id, err_console, quiet=as_json)
     result = analysis.fetch(job_id)
@@ -73,5 +82,8 @@ def report(
         # this line wants the headline numbers and where the files went.
         emit({"job": job_id, **{k: v for k, v in s.items() if k != "confusion"},
               "out": str(out), "files": [p.name for p in written]}, True)
-        return
-    show_report(rid, s, str(out / "index.html"))
+    elif rid is None:
+        console.print(f"sweep {sweep}: {len(s['trials'])} trials; wrote "
+                      f"{out / 'index.html'}", highlight=False)
+    else:
+        show_report(rid, s, str(out / "index.html"))

@@ -114,9 +114,10 @@ def reconcile_cmd(
         if as_json:
             emit(sent, True)
         else:
-            console.print(f"re-sent {sent['shards']} shard tasks, {sent['runs']} runs and "
-                          f"{sent['analyses']} analyses; left {sent['queued']} waiting in "
-                          f"queues and {sent['held']} that live workers hold")
+            console.print(f"re-sent {sent['shards']} shard tasks, {sent['runs']} runs, "
+                          f"{sent['analyses']} analyses and {sent['steps']} sweep steps; "
+                          f"left {sent['queued']} waiting in queues and {sent['held']} "
+                          "that live workers hold")
         if every is None:
             return
         time.sleep(every)

@@ -24,7 +24,7 @@ from shared.db import insert_for, session_scope
 from shared.errors import StateError
 from shared.lookup import finished_run
 from shared.schema import DONE, Analysis, AnalysisFile, Metric, Shard, utcnow
-from shared.state import finish_analysis, start_job
+from shared.state import finish_analysis, get_job, start_job
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +117,8 @@ def run_report(job_id: int, count_attempt: bool = True) -> int | None:
     spec = start_job(job_id, "report", count_attempt)
     if spec is None:
         return None
+    if spec.get("sweep") is not None:
+        return _sweep_report(job_id, int(spec["sweep"]))
     run_id, limit = int(spec["run"]), int(spec["limit"])
     with session_scope() as s:
         run, dataset = finished_run(s, run_id)
@@ -138,3 +140,19 @@ def run_report(job_id: int, count_attempt: bool = True) -> int | None:
     log.info("report of run %s: %d test items, seq_acc %.4f", run_id, len(items),
              report.summary["seq_acc"])
     return store_analysis(job_id, "report", f"run {run_id}", report.summary, report.files)
+
+
+def _sweep_report(job_id: int, sweep_id: int) -> int | None:
+    """Report job ``job_id`` on sweep ``sweep_id``: its study's plots and trials."""
+    from shared import sweeps
+    from shared.spec import SweepSpec
+    from workers.jobs.sweeps import study
+    from workers.sweep_report import build_sweep_report
+
+    with session_scope() as s:
+        summary = sweeps.summary(s, sweep_id)
+        spec = SweepSpec(**get_job(s, sweep_id).spec)
+        views = sweeps.trials(s, sweep_id)
+    report = build_sweep_report(summary, study(spec, views, len(views)))
+    return store_analysis(job_id, "report", f"sweep {sweep_id}", report.summary,
+                          report.files)

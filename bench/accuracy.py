@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import random
 import sys
 import time
 from pathlib import Path
@@ -23,31 +22,15 @@ from pathlib import Path
 sys.path[0] = str(Path(__file__).resolve().parent.parent)
 from rich.console import Console  # noqa: E402
 
-from bench.harness import follow_run, isolated_home, machine, workers  # noqa: E402
+from bench.harness import (  # noqa: E402
+    follow_run,
+    held_out_accuracy,
+    isolated_home,
+    machine,
+    workers,
+)
 
 HOME = isolated_home()
-
-
-def held_out_accuracy(run_id: int, n: int, charset: str, length: int, width: int,
-                      height: int, seed: int) -> dict[str, float]:
-    """Whole-sequence and per-character accuracy of run ``run_id``'s model on ``n``
-    captchas from the plain library (texts drawn with ``seed``)."""
-    from captcha.image import ImageCaptcha
-
-    from workers.predict import Predictor
-
-    predictor = Predictor.load(str(run_id))
-    gen = ImageCaptcha(width, height)
-    rng = random.Random(seed)
-    seq_ok = char_ok = 0
-    for start in range(0, n, 256):
-        texts = ["".join(rng.choice(charset) for _ in range(length))
-                 for _ in range(min(256, n - start))]
-        read = predictor.read([gen.generate_image(t) for t in texts])
-        for truth, (text, _) in zip(texts, read, strict=True):
-            seq_ok += text == truth
-            char_ok += sum(a == b for a, b in zip(text, truth, strict=False))
-    return {"seq_acc": seq_ok / n, "char_acc": char_ok / (n * length), "count": n}
 
 
 def main() -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import atexit
 import os
 import platform
+import random
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -109,3 +110,25 @@ def follow_run(job_id: int, run_id: int, on_epoch: Callable[[dict[str, Any]], No
         if ended:
             return detail
         time.sleep(interval)
+
+
+def held_out_accuracy(run_id: int, n: int, charset: str, length: int, width: int,
+                      height: int, seed: int) -> dict[str, float]:
+    """Whole-sequence and per-character accuracy of run ``run_id``'s model on ``n``
+    captchas from the plain library (texts drawn with ``seed``)."""
+    from captcha.image import ImageCaptcha
+
+    from workers.predict import Predictor
+
+    predictor = Predictor.load(str(run_id))
+    gen = ImageCaptcha(width, height)
+    rng = random.Random(seed)
+    seq_ok = char_ok = 0
+    for start in range(0, n, 256):
+        texts = ["".join(rng.choice(charset) for _ in range(length))
+                 for _ in range(min(256, n - start))]
+        read = predictor.read([gen.generate_image(t) for t in texts])
+        for truth, (text, _) in zip(texts, read, strict=True):
+            seq_ok += text == truth
+            char_ok += sum(a == b for a, b in zip(text, truth, strict=False))
+    return {"seq_acc": seq_ok / n, "char_acc": char_ok / (n * length), "count": n}

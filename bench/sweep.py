@@ -27,7 +27,7 @@ from pathlib import Path
 sys.path[0] = str(Path(__file__).resolve().parent.parent)
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch: each worker one thread
 
-from bench.harness import isolated_home, machine, workers  # noqa: E402
+from bench.harness import held_out_accuracy, isolated_home, machine, workers  # noqa: E402
 
 HOME = isolated_home()
 SPACE = ["lr=loguniform(3e-4,1e-2)", "batch_size=choice(32,64,128)", "channels=int(16,48)",
@@ -64,7 +64,6 @@ def main() -> None:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
-    from bench.accuracy import held_out_accuracy
     from scheduler.plan import plan_generate, plan_sweep, plan_train
     from scheduler.status import run_detail, sweep_detail
     from shared.dispatch import send_job

@@ -88,6 +88,22 @@ def test_a_bad_sweep_is_one_error_line_exit_2_and_writes_no_row(sqlite_env, extr
     assert _counts() == before and made["job"]
 
 
+def test_report_needs_a_run_or_a_sweep_and_refuses_other_jobs(sqlite_env, tmp_path):
+    made = _ok(["generate", "--name", "rp", "--count", "40", "--shard-size", "20"])["job"]
+    before = _counts()
+    out = str(tmp_path / "r")
+    for args, code, message in [
+            ([], 2, "report on a RUN or on --sweep ID"),
+            (["1", "--sweep", "1"], 2, "report on a RUN or on --sweep ID"),
+            (["--sweep", str(made)], 7, f"job {made} is a generate job, not a sweep"),
+            (["--sweep", "987654"], 4, "no job 987654")]:
+        result = runner.invoke(app, ["report", *args, "--out", out])
+        lines = [ln for ln in result.output.splitlines() if ln.strip()]
+        assert result.exit_code == code and len(lines) == 1, result.output
+        assert lines[0].startswith("error:") and message in lines[0], result.output
+    assert _counts() == before
+
+
 def _counts() -> tuple[int, int, int]:
     with session_scope() as s:
         return (s.execute(select(func.count()).select_from(Job)).scalar_one(),

@@ -2,7 +2,7 @@
 plain ``captcha`` loop, measured side by side in this process.
 
     python bench/synth.py [--images 12000] [--rounds 3] [--shard-size 250]
-                          [--image-format pgm|png]
+                          [--image-format pgm|png] [--json]
 
 The synthesis ratio runs the job on 1 worker process while the plain
 ``ImageCaptcha.generate_image`` loop runs on the other core, over the same seconds;
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import multiprocessing as mp
 import random
 import sys
@@ -139,6 +140,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--shard-size", type=int, default=250)
     ap.add_argument("--image-format", choices=("pgm", "png"), default="pgm")
+    ap.add_argument("--json", action="store_true", help="last line: one JSON object")
     args = ap.parse_args()
     n, fmt = args.images, args.image_format
     print(f"machine: {machine()}")
@@ -179,6 +181,23 @@ def main() -> None:
           "(median)")
     print(f"2 processes vs 1, plain loop (the machine's ceiling): {median(ceiling):.3f} "
           "(median)")
+    print(f"job's scaling / the plain loop's:                    "
+          f"{median(scaling) / median(ceiling):.3f}")
+    if args.json:
+        from shared.settings import get_settings
+
+        settings = get_settings()
+        print(json.dumps({
+            "ratio_vs_plain": round(median(alongside), 3),
+            "scaling_job": round(median(scaling), 3),
+            "scaling_plain": round(median(ceiling), 3),
+            "scaling_ratio": round(median(scaling) / median(ceiling), 3),
+            "rounds": {"ratio_vs_plain": alongside, "scaling_job": scaling,
+                       "scaling_plain": ceiling},
+            "images": n, "image_format": fmt,
+            "broker": "embedded" if settings.embedded_broker else "redis",
+            "database": settings.effective_database_url.split(":", 1)[0]}))
+
 
 if __name__ == "__main__":
     main()

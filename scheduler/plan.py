@@ -23,7 +23,7 @@ from shared.errors import InputError, NotFound, SpecError, StateError
 from shared.images import IMAGE_SUFFIXES, check_image
 from shared.kinds import KINDS, image_input_size, kind_of
 from shared.lookup import find_dataset
-from shared.schema import READY, SPLITS, Dataset, Job, Run, Shard
+from shared.schema import READY, SPLITS, Dataset, Job, Shard
 from shared.settings import get_settings
 from shared.spec import (
     CRNN_COLUMNS_PER_STEP,
@@ -37,7 +37,14 @@ from shared.spec import (
     resolve_charset,
     validate,
 )
-from shared.state import IMPORTED, record_builtin, record_done_import, relayout, stored_shard
+from shared.state import (
+    IMPORTED,
+    new_train_job,
+    record_builtin,
+    record_done_import,
+    relayout,
+    stored_shard,
+)
 
 AUDIO_SAMPLE_RATE = 8000  # captcha's AudioCaptcha writes 8 kHz clips
 
@@ -267,14 +274,7 @@ def plan_train(spec: TrainSpec) -> tuple[int, int]:
             )
         # The stored spec names the model the run registers as, not "the default".
         spec = spec.model_copy(update={"register": spec.register or ds.name})
-        job = Job(kind="train", spec=spec.model_dump(), settings=_settings_record(),
-                  dataset_id=ds.id)
-        s.add(job)
-        s.flush()
-        run = Run(job_id=job.id, dataset_id=ds.id, model=spec.model)
-        s.add(run)
-        s.flush()
-        return run.id, job.id
+        return new_train_job(s, spec.model_dump(), _settings_record(), ds.id, spec.model)
 
 
 

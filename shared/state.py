@@ -341,6 +341,19 @@ def record_builtin(dataset: Dataset) -> None:
     dataset.status = READY
 
 
+def new_train_job(session: Session, spec: dict[str, Any], settings: dict[str, Any],
+                  dataset_id: int, model: str) -> tuple[int, int]:
+    """Write a pending train job with ``spec`` and its run, inside ``session``. Returns
+    (run id, job id)."""
+    job = Job(kind="train", spec=spec, settings=settings, dataset_id=dataset_id)
+    session.add(job)
+    session.flush()
+    run = Run(job_id=job.id, dataset_id=dataset_id, model=model)
+    session.add(run)
+    session.flush()
+    return run.id, job.id
+
+
 def stored_shard(**values: Any) -> Shard:
     """A new shard row whose bytes are stored already (an import's source shards,
     MNIST's split ones): done as it is written."""

@@ -34,7 +34,7 @@ from shared.schema import (
 )
 from shared.settings import get_settings
 from shared.spec import SweepSpec, TrainSpec
-from shared.state import get_job
+from shared.state import get_job, new_train_job
 
 # A trial's state, from its run's status (the names Optuna and `sweep show` use).
 TRIAL_STATE = {PENDING: "running", RUNNING: "running", DONE: "complete", PRUNED: "pruned",
@@ -162,18 +162,13 @@ def add_trial(session: Session, job: Job, number: int, params: dict[str, Any],
     spec = SweepSpec(**job.spec)
     train = trial_spec(spec, job.id, number, params)
     assert job.dataset_id is not None  # a sweep names its dataset when planned
-    tjob = Job(kind="train", spec=train.model_dump(), settings=get_settings().redacted(),
-               dataset_id=job.dataset_id)
-    session.add(tjob)
-    session.flush()
-    run = Run(job_id=tjob.id, dataset_id=job.dataset_id, model=train.model)
-    session.add(run)
-    session.flush()
-    session.add(Trial(sweep_job_id=job.id, number=number, job_id=tjob.id, run_id=run.id,
+    run_id, job_id = new_train_job(session, train.model_dump(), get_settings().redacted(),
+                                   job.dataset_id, train.model)
+    session.add(Trial(sweep_job_id=job.id, number=number, job_id=job_id, run_id=run_id,
                       params=params, distributions=distributions,
                       system_attrs=system_attrs))
     session.flush()
-    return tjob.id
+    return job_id
 
 
 def sweep_of_run(session: Session, run_id: int) -> int | None:

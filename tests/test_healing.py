@@ -79,8 +79,12 @@ def test_a_dead_workers_shard_reruns_by_itself_on_the_embedded_default(
 
     for k in [k for k in os.environ if k.startswith("CAPTRAIN_")]:
         monkeypatch.delenv(k)
-    env = {"CAPTRAIN_HOME": str(tmp_path / "home")}
-    monkeypatch.setenv("CAPTRAIN_HOME", env["CAPTRAIN_HOME"])
+    # A worker counts as dead after 6 s here, not 30: the PostgreSQL test above heals
+    # with the defaults; this one shows the embedded default heals the same way.
+    env = {"CAPTRAIN_HOME": str(tmp_path / "home"), "CAPTRAIN_KEEPER_INTERVAL": "2",
+           "CAPTRAIN_WORKER_DEAD_SECONDS": "6"}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
     _reset_process_caches()
     try:
         _heals_after_a_worker_dies(env, start_worker)

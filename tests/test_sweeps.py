@@ -241,8 +241,10 @@ def test_a_sweep_runs_its_trials_two_at_a_time_and_survives_a_killed_trial_worke
                         .where(Metric.split == "val", Metric.name == "seq_acc")
                         .group_by(Metric.run_id, Metric.epoch)
                         .having(func.count() > 1)).all()
+        kept = s.execute(select(Run.checkpoint_sha256).join(Trial, Trial.run_id == Run.id)
+                         .where(Trial.sweep_job_id == sweep, Run.status == "pruned")).all()
     assert max(sum(a <= t < b for a, b in spans) for t, _ in spans) <= 2, spans
-    assert dup == []
+    assert dup == [] and all(sha is None for (sha,) in kept)  # pruned: no checkpoint
     best = _ok(["model", f"sw-sweep{sweep}@best"])
     assert best["run"] == shown["best"]["run"]
     # `captrain report --sweep` draws Optuna's history and importances on a cpu worker.

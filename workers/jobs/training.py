@@ -69,6 +69,12 @@ def train_run(run_id: int, worker: str, progress: EpochProgress | None = None,
     except Pruned as exc:
         with session_scope() as s:
             prune_run(s, run_id)
+            # A pruned trial is never resumed: its checkpoint is dead weight.
+            run = get_run(s, run_id)
+            sha, run.checkpoint_sha256 = run.checkpoint_sha256, None
+            s.flush()
+            if sha is not None:
+                delete_if_unreferenced(s, sha)
         release_run(run_id, owner)
         log.info("run %s: %s", run_id, exc)
         return {"pruned": str(exc)}

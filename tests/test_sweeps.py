@@ -207,7 +207,7 @@ FAST = {"CAPTRAIN_KEEPER_INTERVAL": "1", "CAPTRAIN_WORKER_DEAD_SECONDS": "5",
 def test_a_sweep_runs_its_trials_two_at_a_time_and_survives_a_killed_trial_worker(
         backend, start_worker, tmp_path):
     env = {**backend, **FAST}
-    start_worker(env, queues="cpu", concurrency=1)
+    cpu = start_worker(env, queues="cpu", concurrency=1)
     gpu = [start_worker(env, queues="gpu", concurrency=1) for _ in range(2)]
     _ok(["generate", "--name", "sw", "--count", "300", "--shard-size", "100",
          "--wait"])
@@ -220,7 +220,7 @@ def test_a_sweep_runs_its_trials_two_at_a_time_and_survives_a_killed_trial_worke
                           what="a trial training on the first gpu worker")
     os.killpg(gpu[0].proc.pid, signal.SIGKILL)
     gpu[0].proc.wait()
-    start_worker(env, queues="gpu", concurrency=1)
+    workers = [cpu, *gpu, start_worker(env, queues="gpu", concurrency=1)]
     shown = wait_for(lambda: (d := _ok(["sweep", "show", str(sweep)]))["status"] == "done"
                      and d, 420, interval=1, what="the sweep done")
     trials = shown["trials"]
@@ -245,6 +245,9 @@ def test_a_sweep_runs_its_trials_two_at_a_time_and_survives_a_killed_trial_worke
                          .where(Trial.sweep_job_id == sweep, Run.status == "pruned")).all()
     assert max(sum(a <= t < b for a, b in spans) for t, _ in spans) <= 2, spans
     assert dup == [] and all(sha is None for (sha,) in kept)  # pruned: no checkpoint
+    # Parallel trials and steps met no lock: no worker logged one.
+    logs = "".join(w.log.read_text(errors="replace") for w in workers)
+    assert "database is locked" not in logs and "deadlock detected" not in logs
     best = _ok(["model", f"sw-sweep{sweep}@best"])
     assert best["run"] == shown["best"]["run"]
     # `captrain report --sweep` draws Optuna's history and importances on a cpu worker.

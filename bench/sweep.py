@@ -42,18 +42,6 @@ def _wait(job_id: int) -> str:
     return watch.wait(job_id, Console(quiet=True), interval=2.0, quiet=True)
 
 
-def _trial_seconds(sweep_id: int) -> list[float]:
-    from sqlalchemy import select
-
-    from shared.db import session_scope
-    from shared.schema import Run, Trial
-
-    with session_scope() as s:
-        rows = s.execute(select(Run.started_at, Run.finished_at).join(
-            Trial, Trial.run_id == Run.id).where(Trial.sweep_job_id == sweep_id)).all()
-    return [(end - start).total_seconds() for start, end in rows if start and end]
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--images", type=int, default=6000)
@@ -102,7 +90,7 @@ def main() -> None:
     best = run_detail(best_run)
     held = {name: held_out_accuracy(r, args.held_out, "0123456789", 4, 160, 60, seed=5)
             for name, r in (("default", run_id), ("best", best_run))}
-    trial_s = _trial_seconds(sweep)
+    trial_s = [t["seconds"] for t in detail["trials"] if t["seconds"] is not None]
     counts = detail["counts"]
     out = {
         "trials": args.trials, "parallel": args.parallel, "epochs": args.epochs,

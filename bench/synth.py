@@ -24,7 +24,6 @@ import random
 import sys
 import time
 from collections.abc import Iterator
-from datetime import UTC
 from pathlib import Path
 from statistics import median
 from typing import Any
@@ -127,9 +126,7 @@ def job_rate(n: int, shard_size: int, processes: int, tag: str, image_format: st
     assert status == "done", status
     with session_scope() as s:
         done = s.get_one(Job, job_id).finished_at
-    assert done is not None
-    if done.tzinfo is None:  # SQLite keeps no zone; captrain stores UTC
-        done = done.replace(tzinfo=UTC)
+    assert done is not None  # timezone-aware on every database (shared.schema.UTCDateTime)
     return n / (done.timestamp() - t0)
 
 

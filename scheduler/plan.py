@@ -277,7 +277,6 @@ def plan_train(spec: TrainSpec) -> tuple[int, int]:
         return new_train_job(s, spec.model_dump(), _settings_record(), ds.id, spec.model)
 
 
-
 def plan_sweep(*, dataset: str, trials: int, parallel: int, metric: str, space: list[str],
                pruner: str, sampler: str, seed: int, register: str | None,
                base: dict[str, Any]) -> int:

@@ -32,8 +32,8 @@ def beat(name: str, pid: int, queues: str) -> None:
 def last_seen() -> dict[str, datetime]:
     """Each worker that ever beat, with its last beat."""
     with session_scope() as s:
-        return {name: _aware(seen) for name, seen in s.execute(
-            select(WorkerBeat.name, WorkerBeat.seen_at)).all()}
+        return {name: seen for name, seen in s.execute(
+            select(WorkerBeat.name, WorkerBeat.seen_at))}
 
 
 def alive(seen: dict[str, datetime], now: datetime | None = None) -> set[str]:
@@ -67,12 +67,7 @@ def note(job_id: int, message: str) -> None:
 def notes(job_id: int, after_id: int = 0) -> list[tuple[int, datetime, str]]:
     """(id, when, message) of the recoveries of job ``job_id`` after ``after_id``."""
     with session_scope() as s:
-        return [(i, _aware(at), m) for i, at, m in s.execute(
+        return [(i, at, m) for i, at, m in s.execute(
             select(Recovery.id, Recovery.at, Recovery.message)
             .where(Recovery.job_id == job_id, Recovery.id > after_id)
             .order_by(Recovery.id)).all()]
-
-
-def _aware(at: datetime) -> datetime:
-    # SQLite gives naive datetimes back: they were written in UTC.
-    return at if at.tzinfo is not None else at.replace(tzinfo=utcnow().tzinfo)

@@ -176,6 +176,7 @@ def finish_sweep(session: Session, job: Job, best_run: int | None,
     job.status = FAILED if error else DONE
     job.error, job.finished_at = error, utcnow()
 
+
 def finish_run(session: Session, run_id: int, resumed_from: int | None) -> None:
     """Mark the run and its job done, inside the transaction that stored its model."""
     run = get_run(session, run_id)

@@ -34,7 +34,7 @@ from shared.schema import (
 )
 from shared.settings import get_settings
 from shared.spec import SweepSpec, TrainSpec
-from shared.state import get_job, new_train_job
+from shared.state import ENDED, get_job, new_train_job
 
 # A trial's state, from its run's status (the names Optuna and `sweep show` use).
 TRIAL_STATE = {PENDING: "running", RUNNING: "running", DONE: "complete", PRUNED: "pruned",
@@ -57,8 +57,7 @@ class TrialView:
     error: str | None = None
     # Per-epoch values of the sweep's metric; a complete trial's value is its last.
     intermediate: dict[int, float] = field(default_factory=dict)
-    started: Any = None
-    finished: Any = None
+    seconds: float | None = None  # the run's own time, from its start to its end
 
     @property
     def value(self) -> float | None:
@@ -71,7 +70,8 @@ class TrialView:
     def to_dict(self) -> dict[str, Any]:
         return {"number": self.number, "state": self.state, "value": self.value,
                 "params": self.params, "run": self.run, "job": self.job,
-                "epochs": len(self.intermediate), "error": self.error}
+                "epochs": len(self.intermediate), "seconds": self.seconds,
+                "error": self.error}
 
 
 def metric_key(metric: str) -> tuple[str, str]:
@@ -91,12 +91,12 @@ def trials(session: Session, sweep_job_id: int) -> list[TrialView]:
     spec = SweepSpec(**get_job(session, sweep_job_id).spec)
     split, name = metric_key(spec.metric)
     rows = session.execute(
-        select(Trial, Run.status, Run.error, Run.created_at, Run.finished_at)
+        select(Trial, Run.status, Run.error, Run.started_at, Run.finished_at)
         .join(Run, Run.id == Trial.run_id)
         .where(Trial.sweep_job_id == sweep_job_id).order_by(Trial.number)).all()
     out = [TrialView(t.number, TRIAL_STATE[status], dict(t.params), dict(t.distributions),
-                     dict(t.system_attrs), t.run_id, t.job_id, error, started=start,
-                     finished=end)
+                     dict(t.system_attrs), t.run_id, t.job_id, error,
+                     seconds=(end - start).total_seconds() if start and end else None)
            for t, status, error, start, end in rows]
     by_run = {t.run: t for t in out}
     if by_run:
@@ -120,7 +120,7 @@ def best(spec: SweepSpec, views: list[TrialView]) -> TrialView | None:
 def needs_step(session: Session, job: Job) -> bool:
     """Whether sweep job ``job`` has work for a step: a free slot and trials left to
     ask for, or every trial ended and the sweep to finish."""
-    if job.status in (DONE, FAILED, CANCELLED):
+    if job.status in ENDED:
         return False
     spec = SweepSpec(**job.spec)
     planned, active = session.execute(
@@ -191,13 +191,15 @@ def best_model(session: Session, run_id: int) -> Model:
     return model
 
 
-def summary(session: Session, sweep_job_id: int) -> dict[str, Any]:
-    """What ``captrain sweep show`` prints: the sweep, its trials and its best."""
+def summary(session: Session, sweep_job_id: int,
+            views: list[TrialView] | None = None) -> dict[str, Any]:
+    """What ``captrain sweep show`` prints: the sweep, its trials (``views``, if read
+    already) and its best. Raises NotFound, or StateError for a job not a sweep."""
     job = get_job(session, sweep_job_id)
     if job.kind != "sweep":
         raise StateError(f"job {sweep_job_id} is a {job.kind} job, not a sweep")
     spec = SweepSpec(**job.spec)
-    views = trials(session, sweep_job_id)
+    views = trials(session, sweep_job_id) if views is None else views
     top = best(spec, views)
     registered = None
     if top is not None:

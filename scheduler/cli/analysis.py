@@ -70,8 +70,10 @@ def report(
         raise SpecError("report on a RUN or on --sweep ID, one of them")
     rid = None if run_id is None else parse_id(run_id, "run")
     analysis.check_out_dir(out)
-    job_id = (analysis.plan_report(rid, limit) if rid is not None
-              else analysis.plan_sweep_report(int(sweep or 0)))
+    if sweep is not None:
+        job_id = analysis.plan_sweep_report(sweep)
+    elif rid is not None:
+        job_id = analysis.plan_report(rid, limit)
     send_job(job_id)
     analysis.wait(job_id, err_console, quiet=as_json)
     result = analysis.fetch(job_id)

@@ -150,9 +150,9 @@ def _sweep_report(job_id: int, sweep_id: int) -> int | None:
     from workers.sweep_report import build_sweep_report
 
     with session_scope() as s:
-        summary = sweeps.summary(s, sweep_id)
         spec = SweepSpec(**get_job(s, sweep_id).spec)
         views = sweeps.trials(s, sweep_id)
+        summary = sweeps.summary(s, sweep_id, views)
     report = build_sweep_report(summary, study(spec, views, len(views)))
     return store_analysis(job_id, "report", f"sweep {sweep_id}", report.summary,
                           report.files)

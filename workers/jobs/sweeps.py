@@ -112,13 +112,12 @@ def study(spec: SweepSpec, views: list[sweeps.TrialView], number: int) -> optuna
 def _suggest(trial: optuna.Trial, dims: list[Dimension]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for d in dims:
-        dist = distribution(d)
-        if isinstance(dist, CategoricalDistribution):
+        if d.kind == "choice":
             out[d.name] = trial.suggest_categorical(d.name, list(d.args))
-        elif isinstance(dist, IntDistribution):
-            out[d.name] = trial.suggest_int(d.name, dist.low, dist.high)
-        elif isinstance(dist, FloatDistribution):
-            out[d.name] = trial.suggest_float(d.name, dist.low, dist.high, log=dist.log)
+        elif d.kind == "int":
+            out[d.name] = trial.suggest_int(d.name, *d.args)
+        else:
+            out[d.name] = trial.suggest_float(d.name, *d.args, log=d.kind == "loguniform")
     return out
 
 
@@ -137,10 +136,9 @@ def step(sweep_job_id: int) -> list[int]:
         if len(views) >= spec.trials:
             if not active:
                 top = sweeps.best(spec, views)
-                finish_sweep(s, job, None if top is None else top.run,
-                             "every trial failed" if top is None and not any(
-                                 t.state == "pruned" for t in views)
-                             else None)
+                all_failed = all(t.state == "failed" for t in views)
+                finish_sweep(s, job, top.run if top else None,
+                             "every trial failed" if all_failed else None)
             return []
         start_sweep(job)
         dims = [Dimension.from_dict(d) for d in spec.space]

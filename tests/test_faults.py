@@ -86,7 +86,17 @@ def _runs_with_checkpoints() -> int:
             Run.checkpoint_sha256.is_not(None))).scalar_one()
 
 
+def _job_status(job_id: int) -> str:
+    with session_scope() as s:
+        return s.get(Job, job_id).status
+
+
 def _check_complete(job_id: int, count: int, label: str) -> None:
+    # The worker marks the job done in its own transaction just after it commits the
+    # last shard (two concurrent last shards must each see the other's), so a poll
+    # can land between the two: give it that moment, no more.
+    wait_for(lambda: _job_status(job_id) == "done", 30, interval=0.05,
+             what="the job marked done after its last shard")
     shards = _shards(job_id)
     with session_scope() as s:
         rows = s.execute(select(func.count()).select_from(Shard)

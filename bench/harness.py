@@ -19,10 +19,15 @@ from pathlib import Path
 from typing import Any
 
 
-def isolated_home() -> Path:
-    """Point CAPTRAIN_HOME at a fresh temp dir (before captrain is imported); the
-    embedded Redis started there is stopped when the benchmark exits."""
-    home = Path(tempfile.mkdtemp(prefix="captrain-bench-"))
+def isolated_home(keep: Path | None = None) -> Path:
+    """Point CAPTRAIN_HOME at a fresh temp dir, or at ``keep`` (made if missing; what
+    the benchmark stores there stays), before captrain is imported. The embedded
+    Redis started there is stopped when the benchmark exits."""
+    if keep is not None:
+        keep.mkdir(parents=True, exist_ok=True)
+        home = keep.resolve()
+    else:
+        home = Path(tempfile.mkdtemp(prefix="captrain-bench-"))
     os.environ["CAPTRAIN_HOME"] = str(home)
     atexit.register(_stop_embedded)
     return home

@@ -33,6 +33,19 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur.close()
 
 
+# libpq's words for a connection that an interrupt (a soft time limit is a signal) left
+# inside a command: it can never run another one, so it is as dead as a dropped one.
+_STUCK = "another command is already in progress"
+
+
+def _stuck_is_dead(context: Any) -> None:
+    """A ``handle_error`` hook: a connection stuck mid-command counts as disconnected,
+    so that SQLAlchemy invalidates it (also when the pool's pre-ping meets it) instead
+    of handing it out again."""
+    if _STUCK in str(context.original_exception):
+        context.is_disconnect = True
+
+
 def get_engine(settings: Settings | None = None) -> Engine:
     """Return this process's engine for the configured database, upgrading the
     embedded SQLite schema on first use.
@@ -52,6 +65,7 @@ def get_engine(settings: Settings | None = None) -> Engine:
             event.listen(engine, "connect", _sqlite_pragmas)
         else:
             engine = create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
+            event.listen(engine, "handle_error", _stuck_is_dead)
         _engines[key] = engine
         if url not in _checked:
             _check_schema(engine, auto_upgrade=url.startswith("sqlite"))
@@ -120,7 +134,10 @@ def session_scope(settings: Settings | None = None) -> Iterator[Session]:
         yield session
         session.commit()
     except DBAPIError as exc:
-        session.rollback()
+        try:
+            session.rollback()
+        except DBAPIError:
+            session.invalidate()  # the connection cannot even roll back: drop it
         if exc.connection_invalidated or isinstance(exc, OperationalError):
             raise DatabaseUnavailable(f"database connection failed: {exc.orig}") from exc
         raise

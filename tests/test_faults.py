@@ -652,6 +652,24 @@ def test_an_interrupt_inside_a_query_leaves_as_itself_and_the_next_session_works
 
 
 @ON_POSTGRES
+def test_a_connection_left_mid_command_is_dropped_not_reused(backend):
+    """A connection that an interrupt left mid-command ("another command is already in
+    progress") is a dead connection: the session fails as retryable and the pool
+    drops it, so the next session (the train job's checkpoint, say) gets a live one."""
+    from sqlalchemy import text
+
+    from shared.errors import DatabaseUnavailable
+
+    with pytest.raises(DatabaseUnavailable), session_scope() as s:
+        pg = s.connection().connection.driver_connection
+        pg.pgconn.send_query(b"SELECT pg_sleep(0.2)")  # as if interrupted mid-query
+        s.execute(text("SELECT 1"))
+    for _ in range(3):  # every pooled connection answers
+        with session_scope() as s:
+            assert s.execute(text("SELECT 1")).scalar_one() == 1
+
+
+@ON_POSTGRES
 def test_a_soft_time_limit_checkpoints_training_before_it_stops(backend, start_worker):
     from workers import checkpoint as ckpt_codec
 

@@ -1,4 +1,4 @@
-"""Reading user images safely: any size, mode or format Pillow knows, to RGB.
+"""Reading user images safely: any size, mode or format Pillow knows, to RGB or grey.
 
 Refused with an InputError, naming the file: not an image, truncated, empty, and
 decompression bombs (a header that claims more than ``MAX_PIXELS``). Converted:
@@ -59,29 +59,50 @@ def check_image(path: Path) -> tuple[int, int]:
 
 def load_rgb(path: Path) -> Image.Image:
     """Return ``path`` as an RGB image. Raises InputError."""
-    return _to_rgb(path, _open(path))
+    im = _open(path)
+    out = _as(path, im, "RGB")
+    if out is im:  # a multi-frame file stays open behind its image: hand back a copy
+        out = im.copy()
+        im.close()
+    return out
 
 
 def load_rgb_bytes(data: bytes, name: str = "image") -> Image.Image:
     """Return encoded image bytes as an RGB image; errors name ``name``. Raises InputError."""
-    return _to_rgb(name, _open(name, data))
+    return _as(name, _open(name, data), "RGB")
 
 
-def _to_rgb(path: Path | str, im: Image.Image) -> Image.Image:
+def load_grey_bytes(data: bytes, name: str = "image") -> Image.Image:
+    """Return encoded image bytes as Pillow's luma ("L"): the same pixels as
+    ``load_rgb_bytes(...).convert("L")``, without an RGB copy in between for RGB and
+    grey images. Errors name ``name``. Raises InputError."""
+    return _as(name, _open(name, data), "L")
+
+
+def _as(path: Path | str, im: Image.Image, mode: str) -> Image.Image:
+    """``im`` decoded, upright and flattened on white, in ``mode`` (RGB or L)."""
     try:
-        im.seek(0)
-        im.load()
-        im = ImageOps.exif_transpose(im) or im
-        if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-            # Stretch wide grey to 8 bits by its own range; "L" would clip it.
-            im = im.convert("F")
-            lo, hi = (float(v) for v in im.getextrema())  # type: ignore[arg-type]
-            scale = 255.0 / (hi - lo) if hi > lo else 0.0
-            im = im.point(lambda v: (v - lo) * scale).convert("L")
-        if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-            im = im.convert("RGBA")
-            bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
-            im = Image.alpha_composite(bg, im)
-        return im.convert("RGB")
+        im = _flat(im)
+        return im if im.mode == mode else im.convert(mode)
     except (OSError, SyntaxError, ValueError) as exc:
         raise InputError(f"{path}: image is truncated or corrupt ({exc})") from exc
+
+
+def _flat(im: Image.Image) -> Image.Image:
+    """``im``'s first frame, decoded and turned upright by its EXIF orientation, as RGB
+    or 8-bit grey. Grey stays grey: L -> RGB -> L gives back the same bytes, as
+    RGB -> L gives those of RGB -> RGB -> L."""
+    im.seek(0)
+    im.load()
+    ImageOps.exif_transpose(im, in_place=True)  # no copy when it is upright already
+    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        # Stretch wide grey to 8 bits by its own range; "L" would clip it.
+        im = im.convert("F")
+        lo, hi = (float(v) for v in im.getextrema())  # type: ignore[arg-type]
+        scale = 255.0 / (hi - lo) if hi > lo else 0.0
+        return im.point(lambda v: (v - lo) * scale).convert("L")
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        im = im.convert("RGBA")
+        bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        return Image.alpha_composite(bg, im).convert("RGB")
+    return im if im.mode in ("RGB", "L") else im.convert("RGB")

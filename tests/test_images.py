@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import struct
 import zlib
 
@@ -12,7 +13,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from shared.errors import InputError
-from shared.images import check_image, load_rgb
+from shared.images import check_image, load_grey_bytes, load_rgb, load_rgb_bytes
 
 FIXTURE_OK = [HealthCheck.function_scoped_fixture]  # tmp_path is reused; each case rewrites it
 
@@ -40,6 +41,28 @@ def test_every_common_mode_converts_to_rgb(tmp_path, mode):
     im.save(p)
     out = load_rgb(p)
     assert out.mode == "RGB" and out.size == (40, 20)
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L", "P", "RGBA", "LA", "CMYK", "1", "I;16", "I"])
+def test_grey_loading_gives_the_pixels_of_rgb_then_grey(mode):
+    """The server reads grey straight from the file (no RGB copy for RGB and grey
+    images): the same bytes as RGB then Pillow's luma, in every mode, EXIF-rotated too."""
+    rng = np.random.default_rng(5)
+    base = Image.fromarray(rng.integers(0, 256, (20, 40, 3), dtype=np.uint8))
+    im = (base.convert("L").convert(mode) if mode in ("I;16", "I")
+          else base.convert(mode))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotated: the loader must turn it upright
+    saves = {"PNG": ("RGB", "L", "P", "RGBA", "LA", "1", "I;16"), "TIFF": (mode,),
+             "JPEG": ("RGB", "L", "CMYK")}
+    for fmt in (f for f, modes in saves.items() if mode in modes):
+        buf = io.BytesIO()
+        im.save(buf, fmt, exif=exif)
+        data = buf.getvalue()
+        grey = load_grey_bytes(data)
+        assert grey.mode == "L" and grey.size == (20, 40), (mode, fmt)
+        assert np.array_equal(np.asarray(grey), np.asarray(load_rgb_bytes(data).convert("L"))), \
+            (mode, fmt)
 
 
 def test_sixteen_bit_grey_is_rescaled_not_clipped(tmp_path):

@@ -35,7 +35,7 @@ Results = list[tuple[str, float]]
 @dataclass
 class _Job:
     runner: Runner
-    x: np.ndarray  # (n, H, W) float32
+    x: np.ndarray  # (n, H, W) grey, as Runner.prepare gives it
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future[Results] = field(repr=False)
 

@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image
 
 from shared.errors import ConfigError
-from shared.images import load_rgb_bytes
+from shared.images import load_grey_bytes
 
 META_FILE = "captrain.json"
 MODEL_FILE = "model.onnx"
@@ -126,17 +126,20 @@ class Runner:
         return self.info.label
 
     def prepare(self, data: bytes, name: str) -> np.ndarray:
-        """Encoded image bytes -> (H, W) float32 in [0, 1] at the model's input size:
-        Pillow's luma, bilinear (antialiased) resize, x/255.
+        """Encoded image bytes -> (H, W) uint8 grey at the model's input size: Pillow's
+        luma, bilinear (antialiased) resize. :meth:`run` scales a batch by 1/255.
 
         Raises InputError (naming ``name``) for bytes that are no readable image.
         """
-        im = load_rgb_bytes(data, name).convert("L")
-        im = im.resize((self.info.width, self.info.height), Image.Resampling.BILINEAR)
-        return np.asarray(im, dtype=np.float32) * np.float32(1 / 255)
+        im = load_grey_bytes(data, name)
+        return np.asarray(im.resize((self.info.width, self.info.height),
+                                    Image.Resampling.BILINEAR))
 
     def run(self, x: np.ndarray) -> list[tuple[str, float]]:
-        """(N, H, W) or (N, 1, H, W) float32 -> (text, confidence) per image."""
+        """(N, H, W) or (N, 1, H, W) grey, uint8 as :meth:`prepare` gives it or float32
+        in [0, 1] -> (text, confidence) per image."""
+        if x.dtype == np.uint8:
+            x = x.astype(np.float32) * np.float32(1 / 255)  # in one pass for the batch
         if x.ndim == 3:
             x = x[:, None]
         scores = self.session.run([self.info.output_name], {self.info.input_name: x})[0]

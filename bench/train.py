@@ -6,7 +6,7 @@ same images, model, batch and threads:
 - a bare loop with the train job's own speedups (``ratio_vs_same_speedups``: what
   streaming shards from SQL, decoding, metrics and checkpoints cost).
 
-    python bench/train.py [--images 4000] [--epochs 2] [--precision auto] [--json]
+    python bench/train.py [--images 4000] [--epochs 2] [--precision auto] [--compile] [--json]
 
     python bench/train.py --rss 25000,200000
 
@@ -143,6 +143,9 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto")
+    ap.add_argument("--compile", action="store_true",
+                    help="torch.compile in the job and its same-speedups loop; the "
+                         "compile time counts in their samples/s")
     ap.add_argument("--json", action="store_true", help="last line: one JSON object")
     ap.add_argument("--rss", help="dataset sizes, comma-separated: peak RSS per size")
     ap.add_argument("--rss-child", nargs=2, metavar=("DATASET", "CACHE"),
@@ -170,6 +173,8 @@ def _bare_loop(cfg, fast, X, Y, epochs: int, batch_size: int) -> float:
     if fast.channels_last:
         model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-4)
+    if fast.compiled:
+        model = torch.compile(model)
     steps = epochs * -(-len(X) // batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps,
                                                 pct_start=0.2)
@@ -188,7 +193,8 @@ def _bare_loop(cfg, fast, X, Y, epochs: int, batch_size: int) -> float:
     return seen / (time.perf_counter() - t0)
 
 
-def _train_job(name: str, epochs: int, batch_size: int, precision: str) -> dict:
+def _train_job(name: str, epochs: int, batch_size: int, precision: str,
+               compile: bool = False) -> dict:
     """The worker's own train job (workers.jobs.training.train_run) in this process:
     shards streamed from SQL, decoded, batched, trained, metrics and checkpoints
     stored. Returns its mean training samples/s over the epochs and its speedups."""
@@ -201,7 +207,7 @@ def _train_job(name: str, epochs: int, batch_size: int, precision: str) -> dict:
     from workers.jobs import training
 
     spec = validate(TrainSpec, dataset=name, epochs=epochs, batch_size=batch_size,
-                    device="cpu", precision=precision)
+                    device="cpu", precision=precision, compile=compile)
     run_id, _ = plan_train(spec)
     assert training.train_run(run_id, "bench-train") is not None
     with session_scope() as s:
@@ -239,11 +245,12 @@ def compare(args: argparse.Namespace) -> None:
         parts = [decode_shard(read_verified(s, sha), cfg) for sha in shas]
     X = torch.cat([p[0] for p in parts])
     Y = torch.cat([p[1] for p in parts])
-    fast = Speedups.for_device(torch.device("cpu"), precision=args.precision)
+    fast = Speedups.for_device(torch.device("cpu"), compile=args.compile,
+                               precision=args.precision)
     # Interleaved, so that a drift of the machine's speed hits every side alike.
     plain = [_bare_loop(cfg, PLAIN, X, Y, args.epochs, args.batch_size)]
     same = [_bare_loop(cfg, fast, X, Y, args.epochs, args.batch_size)]
-    job = _train_job(name, args.epochs, args.batch_size, args.precision)
+    job = _train_job(name, args.epochs, args.batch_size, args.precision, args.compile)
     same.append(_bare_loop(cfg, fast, X, Y, args.epochs, args.batch_size))
     plain.append(_bare_loop(cfg, PLAIN, X, Y, args.epochs, args.batch_size))
     mean_plain, mean_same = sum(plain) / 2, sum(same) / 2
@@ -251,6 +258,7 @@ def compare(args: argparse.Namespace) -> None:
         "machine": machine(), "images": args.images, "train_images": len(X),
         "epochs": args.epochs, "batch_size": args.batch_size,
         "threads": torch.get_num_threads(), "precision": args.precision,
+        "compile": args.compile,
         "speedups": job["speedups"], "samples_per_s": round(job["samples_per_s"], 1),
         "fp32_plain_samples_per_s": [round(v, 1) for v in plain],
         "same_speedups_samples_per_s": [round(v, 1) for v in same],

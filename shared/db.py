@@ -33,16 +33,19 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur.close()
 
 
-# libpq's words for a connection that an interrupt (a soft time limit is a signal) left
-# inside a command: it can never run another one, so it is as dead as a dropped one.
-_STUCK = "another command is already in progress"
+# What libpq and psycopg say of a connection that an interrupt (a soft time limit is a
+# signal) left inside a command, when a query or the pool's pre-ping meets it: it can
+# never run another command, so it is as dead as a dropped one.
+_STUCK = ("another command is already in progress",
+          "connection in transaction status ACTIVE")
 
 
 def _stuck_is_dead(context: Any) -> None:
     """A ``handle_error`` hook: a connection stuck mid-command counts as disconnected,
-    so that SQLAlchemy invalidates it (also when the pool's pre-ping meets it) instead
-    of handing it out again."""
-    if _STUCK in str(context.original_exception):
+    so that SQLAlchemy invalidates it (and the pre-ping replaces it) instead of
+    handing it out again."""
+    message = str(context.original_exception)
+    if any(words in message for words in _STUCK):
         context.is_disconnect = True
 
 

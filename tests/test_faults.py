@@ -670,6 +670,30 @@ def test_a_connection_left_mid_command_is_dropped_not_reused(backend):
 
 
 @ON_POSTGRES
+def test_the_pre_ping_replaces_a_pooled_connection_stuck_mid_command(backend):
+    """However a stuck connection got back into the pool, the next checkout's
+    pre-ping must see it as dead and connect afresh, not raise. (No reset on return
+    here, which is how it can slip back; the hook is the one get_engine installs.)"""
+    from sqlalchemy import create_engine, event, text
+
+    from shared.db import _stuck_is_dead
+
+    engine = create_engine(get_settings().effective_database_url, pool_pre_ping=True,
+                           pool_size=1, max_overflow=0, pool_reset_on_return=None)
+    event.listen(engine, "handle_error", _stuck_is_dead)
+    try:
+        conn = engine.connect()
+        stuck = conn.connection.driver_connection
+        stuck.pgconn.send_query(b"SELECT pg_sleep(0.2)")
+        conn.close()  # back into the pool of one, mid-command
+        with engine.connect() as again:
+            assert again.execute(text("SELECT 1")).scalar_one() == 1
+            assert again.connection.driver_connection is not stuck
+    finally:
+        engine.dispose()
+
+
+@ON_POSTGRES
 def test_a_soft_time_limit_checkpoints_training_before_it_stops(backend, start_worker):
     from workers import checkpoint as ckpt_codec
 

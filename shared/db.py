@@ -137,24 +137,25 @@ def session_scope(settings: Settings | None = None) -> Iterator[Session]:
         yield session
         session.commit()
     except DBAPIError as exc:
-        try:
-            session.rollback()
-        except DBAPIError:
-            session.invalidate()  # the connection cannot even roll back: drop it
+        _roll_back(session)
         if exc.connection_invalidated or isinstance(exc, OperationalError):
             raise DatabaseUnavailable(f"database connection failed: {exc.orig}") from exc
         raise
     except BaseException:
-        try:
-            session.rollback()
-        except Exception:
-            # Interrupted inside a query (a soft time limit is a signal): the
-            # connection is mid-command and cannot roll back. Drop it, and let the
-            # interruption leave as itself, not as this rollback's error.
-            session.invalidate()
+        _roll_back(session)
         raise
     finally:
         session.close()
+
+
+def _roll_back(session: Session) -> None:
+    """Roll ``session`` back, or drop its connection when it cannot even do that:
+    interrupted inside a query (a soft time limit is a signal), the connection is
+    mid-command. The caller's error then leaves as itself, not as this rollback's."""
+    try:
+        session.rollback()
+    except Exception:
+        session.invalidate()
 
 
 def insert_for(session: Session) -> Any:

@@ -244,12 +244,20 @@ def test_an_exported_ddddocr_folder_reads_fresh_captchas_as_captrain_predict_doe
                           import_onnx_path=str(out / "model.onnx"),
                           charsets_path=str(out / "charsets.json"))
     theirs = [ocr.classification(p.read_bytes()) for p in paths]
+    # The export is fp32: captrain's fp32 read is the same arithmetic, text for text.
     ours = [r["text"] for r in _ok(["predict", "--model", run, "--json",
+                                    "--precision", "fp32", *map(str, paths)])]
+    # The default read (bf16 on a CPU that computes it) may flip a borderline image of
+    # a model this small; it must read as many right, within a few images.
+    auto = [r["text"] for r in _ok(["predict", "--model", run, "--json",
                                     *map(str, paths)])]
     right = sum(a == b for a, b in zip(ours, labels, strict=True)) / FRESH
-    print(f"\n{arch}: ddddocr and captrain agree on {FRESH} of {FRESH}; "
-          f"{right:.0%} read right")
+    right_auto = sum(a == b for a, b in zip(auto, labels, strict=True)) / FRESH
+    same = sum(a == b for a, b in zip(auto, ours, strict=True))
+    print(f"\n{arch}: ddddocr and captrain fp32 agree on {FRESH} of {FRESH}; "
+          f"{right:.0%} read right; the default read agrees on {same}, {right_auto:.0%} right")
     assert theirs == ours
+    assert same >= FRESH - 3 and abs(right_auto - right) <= 3 / FRESH
     # Without the package, the export reads by ddddocr's steps: the same texts.
     assert read_like_ddddocr(out, [p.read_bytes() for p in paths]) == theirs
     # A model that reads (chance is 1e-4): agreement on guesses would prove little. The

@@ -46,7 +46,8 @@ class Predictor:
     name: str | None = None  # the registry's name and version of the model
     version: int | None = None
     # What training turns on for this CPU (workers.device): bf16 where the hardware
-    # computes it. Reading in bf16 gives the texts of fp32 (tests/test_models.py).
+    # computes it. bf16 reads as well as fp32 (tests/test_models.py); a borderline
+    # image may read differently, so compare an fp32 export with --precision fp32.
     fast: Speedups = field(default_factory=lambda: Speedups.for_device(CPU))
 
     def __post_init__(self) -> None:

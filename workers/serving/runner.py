@@ -136,12 +136,9 @@ class Runner:
                                     Image.Resampling.BILINEAR))
 
     def run(self, x: np.ndarray) -> list[tuple[str, float]]:
-        """(N, H, W) or (N, 1, H, W) grey, uint8 as :meth:`prepare` gives it or float32
-        in [0, 1] -> (text, confidence) per image."""
-        if x.dtype == np.uint8:
-            x = x.astype(np.float32) * np.float32(1 / 255)  # in one pass for the batch
-        if x.ndim == 3:
-            x = x[:, None]
+        """(N, H, W) uint8 grey, as :meth:`prepare` gives it -> (text, confidence) per
+        image. The batch is scaled by 1/255 in one pass."""
+        x = x[:, None].astype(np.float32) * np.float32(1 / 255)
         scores = self.session.run([self.info.output_name], {self.info.input_name: x})[0]
         return decode_scores(np.asarray(scores), self.info)
 

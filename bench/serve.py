@@ -206,12 +206,18 @@ def held_out(n: int, charset: str, length: int, seed: int) -> list[tuple[str, by
     return out
 
 
-def export_both(ref: str, out: Path) -> tuple[Path, Path]:
-    """Export ``ref`` as onnx and ddddocr folders under ``out`` (the exporter's API)."""
+def export_both(ref: str, out: Path, quantize: str = "none") -> tuple[Path, Path]:
+    """Export ``ref`` as onnx and ddddocr folders under ``out`` (the exporter's API),
+    both quantized as ``quantize`` says."""
     from workers.export import export_model
 
-    export_model(ref, "onnx", out / "onnx")
-    export_model(ref, "ddddocr", out / "ddddocr")
+    for fmt in ("onnx", "ddddocr"):
+        report = export_model(ref, fmt, out / fmt, quantize=quantize)
+        if q := report["verification"].get("quantization"):
+            print(f"{fmt} int8: {q['seq_acc_int8']:.4f} of {q['items']} test items read "
+                  f"right, fp32 {q['seq_acc_fp32']:.4f}", flush=True)
+    print(f"exports in {out} (rerun with --from {out / 'onnx'} --ddddocr "
+          f"{out / 'ddddocr'})", flush=True)
     return out / "onnx", out / "ddddocr"
 
 
@@ -365,6 +371,8 @@ def main() -> None:
     ap.add_argument("--model", help="a registry reference to export and serve")
     ap.add_argument("--from", dest="folder", type=Path, help="an onnx export folder")
     ap.add_argument("--ddddocr", type=Path, help="the same model's ddddocr export folder")
+    ap.add_argument("--quantize", choices=("none", "int8"), default="none",
+                    help="export both folders quantized (captrain export --quantize)")
     ap.add_argument("--count", type=int, default=12000, help="images to train on")
     ap.add_argument("--epochs", type=int, default=6)
     ap.add_argument("--images", type=int, default=256, help="distinct held-out images")
@@ -387,7 +395,8 @@ def main() -> None:
     if args.folder is not None:
         onnx_dir, dddd_dir = args.folder.resolve(), args.ddddocr.resolve()
     else:
-        onnx_dir, dddd_dir = export_both(args.model or train(args.count, args.epochs), out)
+        onnx_dir, dddd_dir = export_both(args.model or train(args.count, args.epochs), out,
+                                         args.quantize)
     meta = json.loads((onnx_dir / "captrain.json").read_text())
     images = held_out(args.images, meta["charset"], meta["length"], seed=2024)
     truths = [[t] for t, _ in images]
@@ -430,6 +439,7 @@ def main() -> None:
         for proc in procs:
             stop(proc)
     figures = report(results, truths, batch_truths, args)
+    figures["precision"] = meta.get("precision", "fp32")  # both servers serve this model
     if args.json:
         print(json.dumps(figures))
 

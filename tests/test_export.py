@@ -123,6 +123,30 @@ def test_an_export_that_does_not_read_as_torch_fails_its_check(tmp_path):
         compare_scores(session, other, x)
 
 
+def test_the_int8_gate_keeps_a_graph_within_a_point_of_fp32_and_refuses_one_below(tmp_path):
+    from workers.export.quantize import gate
+
+    fp32, int8 = tmp_path / "fp32.onnx", tmp_path / "int8.onnx"
+    fp32.write_bytes(b"x" * 400)
+    int8.write_bytes(b"x" * 100)
+    labels = [f"{i:04d}" for i in range(200)]
+    wrong = {f"{i:04d}" for i in range(20)}  # fp32 misreads 20 of 200: 90.0%
+
+    def reader(extra: int):  # int8 misreads ``extra`` more
+        def read(path: Path) -> list[str]:
+            miss = wrong | ({f"{i:04d}" for i in range(20, 20 + extra)} if path == int8
+                            else set())
+            return ["????" if t in miss else t for t in labels]
+        return read
+
+    kept = gate(reader(2), fp32, int8, labels, 64)  # 89.0%: one point, kept
+    assert kept["seq_acc_fp32"] == 0.9 and kept["seq_acc_int8"] == 0.89
+    assert kept["text_agreement"] == 0.99 and kept["int8_bytes"] == 100
+    with pytest.raises(ArtifactError, match=r"reads 88\.5% of 200 held-out items against "
+                       r"fp32's 90\.0% \(it may lose at most 1%\); nothing was written"):
+        gate(reader(3), fp32, int8, labels, 64)
+
+
 def test_export_without_the_worker_extra_says_what_to_install(tmp_path):
     block = ("import sys\nfor m in ('torch', 'torchvision', 'onnx', 'onnxruntime'):\n"
              "    sys.modules[m] = None\n")
@@ -267,7 +291,8 @@ def test_an_exported_ddddocr_folder_reads_fresh_captchas_as_captrain_predict_doe
 
 
 SIDECAR_KEYS = {"format", "format_version", "model", "charset", "length", "min_length", "arch",
-                "input", "normalization", "output", "opset", "verification", "exported_with"}
+                "input", "normalization", "output", "opset", "precision", "verification",
+                "exported_with"}
 INPUT_KEYS = {"name", "height", "width", "channels", "dtype", "scale", "grey", "resize",
               "modality", "preprocess"}
 
@@ -350,6 +375,54 @@ def test_an_exported_onnx_folder_read_by_its_sidecar_alone_gives_torchs_argmax(
 
 
 @pytest.mark.integration
+@pytest.mark.parametrize("fmt,arch", [("onnx", "multihead"), ("onnx", "crnn"),
+                                      ("ddddocr", "multihead"), ("ddddocr", "crnn")])
+def test_an_int8_export_reads_held_out_items_within_a_point_of_fp32(
+        trained, tmp_path, fmt, arch):
+    run = str(trained[arch])
+    out = tmp_path / "int8"
+    report = _ok(["export", run, "--format", fmt, "--quantize", "int8", "--out", str(out),
+                  "--json"])
+    assert report["quantize"] == "int8"
+    assert sorted(p.name for p in out.iterdir()) == sorted(report["files"])  # no leftovers
+    q = report["verification"]["quantization"]
+    print(f"\n{fmt} {arch}: int8 {q['seq_acc_int8']:.3f}, fp32 {q['seq_acc_fp32']:.3f} on "
+          f"{q['items']} test items, agreement {q['text_agreement']:.3f}, "
+          f"{q['int8_bytes']} of {q['fp32_bytes']} bytes")
+    assert q["calibration_items"] == 1024 and q["items"] == 300  # the test split: 10%
+    assert q["seq_acc_int8"] >= q["seq_acc_fp32"] - 0.01 and q["text_agreement"] >= 0.9
+    assert q["int8_bytes"] < 0.65 * q["fp32_bytes"]  # the crnn's GRU stays float32
+    import onnx
+
+    ops = {n.op_type for n in onnx.load(str(out / "model.onnx")).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops  # the kept graph is the int8 one
+
+    labels, paths = _fresh_captchas(tmp_path / "fresh", seed=3)
+    fp32 = [r["text"] for r in _ok(["predict", "--model", run, "--json", "--precision",
+                                    "fp32", *map(str, paths)])]
+    if fmt == "onnx":
+        meta = json.loads((out / "captrain.json").read_text())
+        assert meta["precision"] == "int8" and meta["verification"]["quantization"] == q
+        from workers.serving.runner import Runner
+
+        reader = Runner(out)  # what `captrain serve --from` runs
+        texts = [t for t, _ in reader.run(np.stack(
+            [reader.prepare(p.read_bytes(), p.name) for p in paths]))]
+    else:
+        import ddddocr
+
+        assert q["reader"] == "ddddocr 1.6.1" and q["reader_agreement"] == 1.0
+        ocr = ddddocr.DdddOcr(ocr=False, det=False, show_ad=False,
+                              import_onnx_path=str(out / "model.onnx"),
+                              charsets_path=str(out / "charsets.json"))
+        texts = [ocr.classification(p.read_bytes()) for p in paths]
+    right = [sum(a == b for a, b in zip(t, labels, strict=True)) for t in (texts, fp32)]
+    same = sum(a == b for a, b in zip(texts, fp32, strict=True))
+    print(f"fresh: int8 {right[0]}, fp32 {right[1]} of {FRESH} right; {same} the same")
+    assert same >= FRESH - 3 and abs(right[0] - right[1]) <= 3 and right[0] >= 0.4 * FRESH
+
+
+@pytest.mark.integration
 def test_an_audio_model_exports_as_onnx_with_its_front_end(trained, tmp_path):
     out = tmp_path / "audio"
     said = _ok(["export", str(trained["audio"]), "--out", str(out)])  # for people
@@ -372,6 +445,7 @@ def test_an_audio_model_exports_as_onnx_with_its_front_end(trained, tmp_path):
     ("full folder", 2, "is a folder with files in it"),
     ("file", 2, "is a file; give a new or empty folder"),
     ("unknown format", 2, "unknown export format 'tflite'"),
+    ("unknown quantize", 2, "unknown --quantize 'int4': choose none or int8"),
 ])
 def test_a_bad_export_prints_one_error_line_and_writes_nothing(
         trained, tmp_path, case, code, message):
@@ -380,13 +454,16 @@ def test_a_bad_export_prints_one_error_line_and_writes_nothing(
                   "audio": (trained["audio"], "ddddocr"),
                   "full folder": (trained["multihead"], "onnx"),
                   "file": (trained["multihead"], "onnx"),
-                  "unknown format": (trained["multihead"], "tflite")}[case]
+                  "unknown format": (trained["multihead"], "tflite"),
+                  "unknown quantize": (trained["multihead"], "onnx")}[case]
+    extra = ["--quantize", "int4"] if case == "unknown quantize" else []
     if case == "full folder":
         out.mkdir()
         (out / "keep.txt").write_text("mine")
     if case == "file":
         out.write_text("mine")
-    result = runner.invoke(app, ["export", str(model), "--format", fmt, "--out", str(out)])
+    result = runner.invoke(app, ["export", str(model), "--format", fmt, "--out", str(out),
+                                 *extra])
     assert result.exit_code == code, result.output
     assert result.output.startswith("error: ") and message in result.output
     assert len(result.output.strip().splitlines()) == 1, result.output

@@ -28,6 +28,10 @@ def export(
         "--format", help="onnx (model.onnx + captrain.json, for onnxruntime and "
                          "captrain serve) or ddddocr (model.onnx + charsets.json).")
     ] = "onnx",
+    quantize: Annotated[str, typer.Option(
+        "--quantize", help="none, or int8: onnxruntime static quantization, calibrated "
+                           "on training items, kept only if it reads held-out items "
+                           "within 1 point of fp32.")] = "none",
     force: Annotated[bool, typer.Option(
         "--force", help="Write into a non-empty folder, replacing the export's files.")
     ] = False,
@@ -45,7 +49,7 @@ def export(
         if not as_json:
             err_console.print(f"{step}...", highlight=False)
 
-    report = export_model(model, fmt, out, force, say)
+    report = export_model(model, fmt, out, force, say, quantize)
     if as_json:
         emit(report, True)
     else:
@@ -64,4 +68,8 @@ def summary(report: dict[str, Any]) -> str:
     if "text_agreement" in v:
         line += (f"; {v['reader']} reads {v['text_agreement']:.1%} of {v['images']} fresh "
                  "captchas as captrain does")
+    if q := v.get("quantization"):
+        line += (f"; quantized to int8 ({q['int8_bytes'] / q['fp32_bytes']:.0%} of the "
+                 f"size): {q['seq_acc_int8']:.1%} of {q['items']} held-out items read "
+                 f"right, fp32 {q['seq_acc_fp32']:.1%}")
     return line

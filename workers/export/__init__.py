@@ -8,7 +8,9 @@ Formats (README "Export" has the contract of each):
   package (ddddocr_format.py).
 
 Every export is checked before it is kept: onnxruntime against torch at two batch
-sizes, and for ddddocr its own reading against captrain's. The files are written in
+sizes, and for ddddocr its own reading against captrain's; an int8 export
+(``--quantize int8``, quantize.py) also reads held-out items as well as fp32 does.
+The files are written in
 a scratch folder and moved into ``out`` only after the checks pass, so a refusal or
 a failed check leaves ``out`` as it was.
 """
@@ -24,6 +26,7 @@ from typing import Any
 from shared.errors import ConfigError, SpecError
 
 FORMATS = ("onnx", "ddddocr")
+QUANTIZE = ("none", "int8")
 # What each format writes, and so what --force may replace in a non-empty folder.
 FILES = {"onnx": ("model.onnx", "captrain.json"), "ddddocr": ("model.onnx", "charsets.json")}
 EXPORT_FILES = frozenset(f for names in FILES.values() for f in names)
@@ -33,6 +36,12 @@ def check_format(fmt: str) -> None:
     """Raise SpecError for a format that is not one of FORMATS."""
     if fmt not in FORMATS:
         raise SpecError(f"unknown export format {fmt!r}: choose {' or '.join(FORMATS)}")
+
+
+def check_quantize(quantize: str) -> None:
+    """Raise SpecError for a ``--quantize`` that is not one of QUANTIZE."""
+    if quantize not in QUANTIZE:
+        raise SpecError(f"unknown --quantize {quantize!r}: choose {' or '.join(QUANTIZE)}")
 
 
 def check_out(out: Path, force: bool) -> None:
@@ -46,9 +55,12 @@ def check_out(out: Path, force: bool) -> None:
 
 
 def export_model(ref: str, fmt: str, out: Path, force: bool = False,
-                 say: Callable[[str], None] | None = None) -> dict[str, Any]:
+                 say: Callable[[str], None] | None = None, quantize: str = "none"
+                 ) -> dict[str, Any]:
     """Export the model ``ref`` names (shared.lookup.find_model) as ``fmt`` into the
-    folder ``out``, checked first; ``say`` hears each step, for people.
+    folder ``out``, checked first; ``say`` hears each step, for people. ``quantize``
+    "int8" writes the graph quantized, after it read held-out items as well as fp32
+    (workers/export/quantize.py).
 
     With ``force``, a non-empty ``out`` is written into: the export's files
     (EXPORT_FILES) there are replaced or removed, other files stay.
@@ -61,6 +73,7 @@ def export_model(ref: str, fmt: str, out: Path, force: bool = False,
     """
     tell = say or (lambda _msg: None)
     check_format(fmt)
+    check_quantize(quantize)
     check_out(out, force)
     # Imported here, after the cheap checks: this module itself needs no torch, so
     # the CLI refuses a bad format or folder at once, and says what to install.
@@ -75,9 +88,9 @@ def export_model(ref: str, fmt: str, out: Path, force: bool = False,
     tell(f"loaded the model of run {stored.run_id} ({stored.cfg.arch})")
     writer = write_onnx if fmt == "onnx" else write_ddddocr
     with tempfile.TemporaryDirectory(prefix="captrain-export-") as scratch:
-        verification = writer(stored, Path(scratch), tell)
+        verification = writer(stored, Path(scratch), tell, quantize)
         _place(Path(scratch), out, FILES[fmt])
-    return {"format": fmt, "out": str(out), "files": list(FILES[fmt]),
+    return {"format": fmt, "quantize": quantize, "out": str(out), "files": list(FILES[fmt]),
             "model": stored.identity, "arch": stored.cfg.arch,
             "verification": verification}
 

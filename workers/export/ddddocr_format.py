@@ -29,7 +29,8 @@ from shared.errors import ArtifactError
 from shared.images import load_rgb_bytes
 from workers.export.check import MIN_AGREEMENT, compare_scores, open_session
 from workers.export.graphs import INPUT_NAME, DdddocrGraph, export_graph
-from workers.export.source import StoredModel
+from workers.export.quantize import CALIBRATION_ITEMS, EVAL_ITEMS, gate, quantize_int8
+from workers.export.source import StoredModel, dataset_items
 from workers.predict import Predictor
 from workers.synth import render_items
 
@@ -40,13 +41,15 @@ CHECK_SEED = 20240611  # the same captchas at every export of a model
 DDDDOCR_VERSION = "1.6.1"  # the version whose reading this format follows
 
 
-def write_ddddocr(stored: StoredModel, folder: Path, say: Callable[[str], None]
-                  ) -> dict[str, Any]:
+def write_ddddocr(stored: StoredModel, folder: Path, say: Callable[[str], None],
+                  quantize: str = "none") -> dict[str, Any]:
     """Write ``model.onnx`` and ``charsets.json`` into ``folder``; check the graph
-    against torch, then ddddocr's reading of fresh captchas against captrain's.
+    against torch, then ddddocr's reading of fresh captchas against captrain's. With
+    ``quantize`` "int8", then quantize the graph, keep it only if it passes
+    quantize.gate, and check that ddddocr reads it as its steps say.
 
-    Returns the verification figures. Raises ArtifactError when the graph does not
-    export or a check fails.
+    Returns the verification figures (under ``quantization``, the int8 graph's).
+    Raises ArtifactError when the graph does not export or a check fails.
     """
     cfg = stored.cfg
     size = (cfg.image_height, cfg.image_width)
@@ -79,7 +82,40 @@ def write_ddddocr(stored: StoredModel, folder: Path, say: Callable[[str], None]
         raise ArtifactError(f"ddddocr reads {same:.1%} of fresh captchas as captrain does "
                             f"(at least {MIN_AGREEMENT:.1%}), e.g. (ddddocr, captrain) "
                             f"{diffs}; nothing was written")
+    if quantize == "int8":
+        verification["quantization"] = _quantized(stored, folder, images, say)
     return verification
+
+
+def _grey(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)).convert("L"))
+
+
+def _quantized(stored: StoredModel, folder: Path, fresh: list[bytes],
+               say: Callable[[str], None]) -> dict[str, Any]:
+    """Quantize the checked graph in ``folder`` in place, after it read the test items
+    as well as fp32 (quantize.gate), and check that ddddocr reads the int8 graph as
+    its steps do on the ``fresh`` captchas; the figures."""
+    say("quantizing to int8, calibrated on training items")
+    calibration = np.stack([_grey(it.data) for it in
+                            dataset_items(stored, CALIBRATION_ITEMS, "train")])
+    path = folder / MODEL_FILE
+    int8 = folder / "model.int8.onnx"
+    quantize_int8(path, int8, calibration[:, None].astype(np.float32) / 255.0)
+    say("reading held-out items in fp32 and in int8")
+    held = dataset_items(stored, EVAL_ITEMS, "test")
+    figures = gate(lambda graph: read_like_ddddocr(folder, [it.data for it in held], graph),
+                   path, int8, [it.label for it in held], len(calibration))
+    int8.replace(path)
+    say("reading fresh captchas with ddddocr and by its steps, in int8")
+    reader, theirs = read_with_ddddocr(folder, fresh)
+    steps = read_like_ddddocr(folder, fresh)
+    same = sum(a == b for a, b in zip(theirs, steps, strict=True)) / len(fresh)
+    figures.update({"reader": reader, "reader_agreement": same})
+    if same < MIN_AGREEMENT:
+        raise ArtifactError(f"{reader} reads {same:.1%} of fresh captchas with the int8 "
+                            "model as its steps do; nothing was written")
+    return figures
 
 
 def read_with_ddddocr(folder: Path, images: list[bytes]) -> tuple[str, list[str]]:
@@ -104,11 +140,12 @@ def read_with_ddddocr(folder: Path, images: list[bytes]) -> tuple[str, list[str]
     return f"ddddocr {importlib.metadata.version('ddddocr')}", texts
 
 
-def read_like_ddddocr(folder: Path, images: list[bytes]) -> list[str]:
-    """Read ``images`` from ``folder`` by ddddocr 1.6.1's steps (module docstring),
-    with Pillow, numpy and onnxruntime."""
+def read_like_ddddocr(folder: Path, images: list[bytes], model: Path | None = None
+                      ) -> list[str]:
+    """Read ``images`` from ``folder`` (its graph, or ``model``) by ddddocr 1.6.1's
+    steps (module docstring), with Pillow, numpy and onnxruntime."""
     charsets = json.loads((folder / CHARSETS_FILE).read_text())
-    session = open_session(folder / MODEL_FILE)
+    session = open_session(model or folder / MODEL_FILE)
     width, height = charsets["image"]
     texts = []
     for data in images:

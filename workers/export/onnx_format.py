@@ -14,8 +14,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
+from workers.codecs import decode_label
 from workers.export.check import compare_scores, open_session
 from workers.export.graphs import (
     INPUT_NAME,
@@ -24,8 +26,9 @@ from workers.export.graphs import (
     ScoresGraph,
     export_graph,
 )
-from workers.export.source import StoredModel, dataset_inputs
-from workers.models import ModelConfig, time_steps
+from workers.export.quantize import CALIBRATION_ITEMS, EVAL_ITEMS, gate, quantize_int8
+from workers.export.source import StoredModel, dataset_inputs, dataset_items, model_inputs
+from workers.models import ModelConfig, decode, time_steps
 
 MODEL_FILE = "model.onnx"
 META_FILE = "captrain.json"
@@ -33,24 +36,53 @@ FORMAT, FORMAT_VERSION = "captrain-onnx", 1
 CHECK_ITEMS = 32  # stored items run through both torch and onnxruntime
 
 
-def write_onnx(stored: StoredModel, folder: Path, say: Callable[[str], None]
-               ) -> dict[str, Any]:
+def write_onnx(stored: StoredModel, folder: Path, say: Callable[[str], None],
+               quantize: str = "none") -> dict[str, Any]:
     """Write ``model.onnx`` and ``captrain.json`` into ``folder`` and check the graph
-    against torch on stored items of the model's dataset.
+    against torch on stored items of the model's dataset; with ``quantize`` "int8",
+    then quantize it and keep that only if it passes quantize.gate.
 
-    Returns the verification figures. Raises ArtifactError when the graph does not
-    export or does not read as torch does; StateError without stored items.
+    Returns the verification figures (those of the fp32 graph, and under
+    ``quantization`` the int8 graph's). Raises ArtifactError when the graph does not
+    export, does not read as torch does, or loses accuracy in int8; StateError
+    without stored items.
     """
     cfg = stored.cfg
     graph = ScoresGraph(stored.model, cfg)
     say("exporting the graph")
-    export_graph(graph, torch.zeros(2, 1, cfg.in_height, cfg.in_width), folder / MODEL_FILE)
+    path = folder / MODEL_FILE
+    export_graph(graph, torch.zeros(2, 1, cfg.in_height, cfg.in_width), path)
     say("checking onnxruntime against torch")
     x = dataset_inputs(stored, CHECK_ITEMS).float() / 255.0
-    verification = compare_scores(open_session(folder / MODEL_FILE), graph, x)
+    verification = compare_scores(open_session(path), graph, x)
+    if quantize == "int8":
+        verification["quantization"] = _quantized(stored, path, say)
     meta = sidecar(stored, verification)
     (folder / META_FILE).write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
     return verification
+
+
+def _quantized(stored: StoredModel, path: Path, say: Callable[[str], None]) -> dict[str, Any]:
+    """Quantize the checked graph at ``path`` in place, after it read the test items
+    as well as fp32 (quantize.gate); its figures."""
+    say("quantizing to int8, calibrated on training items")
+    calibration = model_inputs(stored, dataset_items(stored, CALIBRATION_ITEMS, "train"))
+    int8 = path.with_name("model.int8.onnx")
+    quantize_int8(path, int8, (calibration.float() / 255.0).numpy())
+    say("reading held-out items in fp32 and in int8")
+    held = dataset_items(stored, EVAL_ITEMS, "test")
+    x = (model_inputs(stored, held).float() / 255.0).numpy()
+
+    def read(graph_path: Path) -> list[str]:
+        session = open_session(graph_path)
+        scores = np.concatenate([session.run(None, {INPUT_NAME: x[i:i + 64]})[0]
+                                 for i in range(0, len(x), 64)])
+        idx, _ = decode(torch.from_numpy(scores), stored.cfg)
+        return [decode_label(i.tolist(), stored.cfg.charset) for i in idx]
+
+    figures = gate(read, path, int8, [it.label for it in held], len(calibration))
+    int8.replace(path)
+    return figures
 
 
 def sidecar(stored: StoredModel, verification: dict[str, Any]) -> dict[str, Any]:
@@ -68,6 +100,9 @@ def sidecar(stored: StoredModel, verification: dict[str, Any]) -> dict[str, Any]
                    "blank": 0 if cfg.ctc else None,
                    "shape": ["N", steps, len(cfg.charset) + (1 if cfg.ctc else 0)]},
         "opset": OPSET,
+        # int8: the graph is quantized (workers/export/quantize.py); its input and
+        # output stay float32, fed and read as above.
+        "precision": "int8" if "quantization" in verification else "fp32",
         "verification": verification,
         "exported_with": versions(),
     }

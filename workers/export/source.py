@@ -86,19 +86,18 @@ def load_stored(ref: str, fmt: str) -> StoredModel:
     return StoredModel(model.eval(), cfg, identity, layout)
 
 
-def dataset_inputs(stored: StoredModel, count: int) -> torch.Tensor:
-    """(n, 1, h, w) uint8 model inputs, n <= ``count``: the first stored items of the
-    model's dataset, test split first, decoded as training decoded them.
+def dataset_items(stored: StoredModel, count: int, split: str | None = None) -> list[Item]:
+    """Up to ``count`` stored items of the model's dataset in shard order: of
+    ``split`` alone, or with None the test split first and then the others.
 
-    Raises StateError when the dataset has no finished shards, ArtifactError for a
-    shard or item that does not read.
+    Raises StateError when there are no such items.
     """
+    query = select(Shard.sha256).where(Shard.job_id == stored.layout_job_id,
+                                       Shard.status == DONE)
+    query = (query.where(Shard.split == split).order_by(Shard.index) if split else
+             query.order_by(case((Shard.split == "test", 0), else_=1), Shard.index))
     with session_scope() as s:
-        shas = s.execute(
-            select(Shard.sha256)
-            .where(Shard.job_id == stored.layout_job_id, Shard.status == DONE)
-            .order_by(case((Shard.split == "test", 0), else_=1), Shard.index)
-        ).scalars().all()
+        shas = s.execute(query).scalars().all()
     items: list[Item] = []
     for sha in shas:
         if len(items) >= count:
@@ -109,12 +108,28 @@ def dataset_inputs(stored: StoredModel, count: int) -> torch.Tensor:
             data = read_verified(s, sha)
         items.extend(unpack(data)[1])
     if not items:
-        raise StateError(f"the dataset of run {stored.run_id} has no stored items to "
-                         "check the export against")
+        raise StateError(f"the dataset of run {stored.run_id} has no stored "
+                         f"{split + ' ' if split else ''}items to check the export against")
+    return items[:count]
+
+
+def model_inputs(stored: StoredModel, items: list[Item]) -> torch.Tensor:
+    """(n, 1, h, w) uint8 model inputs of ``items``, decoded as training decoded them.
+    Raises ArtifactError for an item that does not read."""
     inputs = []
-    for it in items[:count]:
+    for it in items:
         try:
             inputs.append(decode_item(it.data, stored.cfg, it.ext))
         except InputError as exc:
             raise ArtifactError(f"shard item {it.index} cannot be used: {exc}") from exc
     return torch.stack(inputs)
+
+
+def dataset_inputs(stored: StoredModel, count: int) -> torch.Tensor:
+    """(n, 1, h, w) uint8 model inputs, n <= ``count``: the first stored items of the
+    model's dataset, test split first, decoded as training decoded them.
+
+    Raises StateError when the dataset has no finished shards, ArtifactError for a
+    shard or item that does not read.
+    """
+    return model_inputs(stored, dataset_items(stored, count))
